@@ -1,0 +1,157 @@
+"""The `curate` command line: a thin layer over `curate.config`, `curate.plan` and `curate.runner`.
+
+Errors meant for the user print as one line (`error: file:line: message`) with a non-zero exit
+code and no traceback; `--debug` shows the traceback. Leaves out: `push` and the report (later issues).
+
+Example: curate run pipelines/quickstart.yaml --out out/quickstart
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from functools import wraps
+from typing import Any, Callable
+
+import click
+
+import curate
+from curate.errors import CurateError
+
+log = logging.getLogger("curate")
+
+OVERRIDE = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                        help="Override a pipeline value, e.g. --set source.limit=100 (repeatable).")
+
+
+def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn CurateError (and a few OS errors) into one-line messages and exit codes."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        debug = ctx.find_root().params.get("debug", False)
+        try:
+            return func(*args, **kwargs)
+        except CurateError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc.filename or ''}: {exc.strerror}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted; finished parts are kept, run again to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(curate.__version__, prog_name="curate")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def main(debug: bool, quiet: bool) -> None:
+    """Build preference datasets (prompt / chosen / rejected) from declarative YAML pipelines."""
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+
+
+@main.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@OVERRIDE
+@_user_errors
+def validate(pipeline: str, overrides: tuple[str, ...]) -> None:
+    """Check a pipeline file and its stage chain against the source's columns; load no model."""
+    from curate.config import load_pipeline
+    from curate.plan import build_plan
+    from curate.runner import SourceParts
+    from curate.store import Store
+
+    spec = load_pipeline(pipeline, list(overrides))
+    with _scratch_store(spec) as store:
+        build_plan(spec, SourceParts(spec, store).info)
+    click.echo(f"{pipeline}: ok ({len(spec.stages)} stages)")
+
+
+@main.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@OVERRIDE
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_user_errors
+def plan(pipeline: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Print the resolved chain, the columns after each stage and every stage key; run nothing."""
+    from curate.config import load_pipeline
+    from curate.plan import build_plan, schema_json
+    from curate.runner import SourceParts
+
+    spec = load_pipeline(pipeline, list(overrides))
+    with _scratch_store(spec) as store:
+        resolved = build_plan(spec, SourceParts(spec, store).info)
+    if as_json:
+        click.echo(json.dumps(resolved.to_json(), indent=2))
+        return
+    src = resolved.source
+    click.echo(f"source  key {src.key}  {src.rows} rows in {src.n_parts} parts")
+    _echo_columns(schema_json(src.schema))
+    for planned in resolved.stages:
+        click.echo(f"[{planned.segment}] {planned.id} ({planned.bound.stage.name}, {planned.kind})  key {planned.key}")
+        _echo_columns(schema_json(planned.output_schema))
+
+
+def _echo_columns(columns: dict[str, str]) -> None:
+    for name, dtype in columns.items():
+        click.echo(f"    {name}: {dtype}")
+
+
+class _scratch_store:
+    """A Store in a temporary folder for validate/plan, which must not touch the run folder."""
+
+    def __init__(self, spec: Any):
+        self.spec = spec
+
+    def __enter__(self):
+        import tempfile
+
+        from curate.store import Store
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="curate-plan-")
+        return Store(self._tmp.name)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._tmp.cleanup()
+
+
+@main.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--out", "out", type=click.Path(), default=None, help="Run folder (overrides the YAML's output).")
+@click.option("--refresh", multiple=True, metavar="STAGE", help="Recompute this stage and all after it (repeatable).")
+@OVERRIDE
+@_user_errors
+def run(pipeline: str, out: str | None, refresh: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+    """Run a pipeline; resume whatever a previous run of the same pipeline finished."""
+    from curate.config import load_pipeline
+    from curate.runner import run_pipeline
+
+    spec = load_pipeline(pipeline, list(overrides))
+    stats = run_pipeline(spec, out, list(refresh))
+    click.echo(f"{stats['rows_out']} rows written to {out or spec.spec.output}/data "
+               f"({stats['rows_in']} in; dropped: {stats['dropped'] or 'none'})")
+
+
+@main.command()
+def stages() -> None:
+    """List the registered stages (built-in and from the `curate.stages` entry points)."""
+    from curate.registry import available
+
+    for name, cls in available().items():
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        click.echo(f"{name:24s} {cls.kind:7s} {summary}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

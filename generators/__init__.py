@@ -1,0 +1,1 @@
+"""Generators: stages that write N candidate responses per prompt. Built in later issues."""

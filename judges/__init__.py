@@ -1,0 +1,1 @@
+"""Judges: stages that score candidate responses (self-reward, pairwise, CDR). Built in later issues."""
