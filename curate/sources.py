@@ -97,17 +97,22 @@ def _resolve_files(path: str) -> tuple[Any, list[str]]:
     """The filesystem and sorted file list behind a file, folder or glob path."""
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(path)
-    if any(ch in root for ch in "*?["):
-        files = sorted(fs.glob(root))
-    elif fs.isdir(root):
-        files = sorted(
-            p for p in fs.find(root) if p.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES) and "/." not in p
-        )
-    elif fs.exists(root):
-        files = [root]
-    else:
-        raise InputError("no such file or folder", where=path)
+    try:
+        fs, root = fsspec.core.url_to_fs(path)
+        if any(ch in root for ch in "*?["):
+            files = sorted(fs.glob(root))
+        elif fs.isdir(root):
+            files = sorted(
+                p for p in fs.find(root) if p.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES) and "/." not in p
+            )
+        elif fs.exists(root):
+            files = [root]
+        else:
+            raise InputError("no such file or folder", where=path)
+    except InputError:
+        raise
+    except Exception as exc:  # remote filesystems raise their own types (HTTP, DNS, auth)
+        raise InputError(f"cannot read ({type(exc).__name__}: {exc}); is the Hub or server reachable?", where=path) from None
     if not files:
         raise InputError("matches no .parquet or .jsonl files", where=path)
     return fs, files
