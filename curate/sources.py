@@ -403,7 +403,11 @@ def _as_reply(column: pa.ChunkedArray, name: str, where: Any) -> pa.Array:
     if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
         return pc.cast(array, pa.string())
     messages = _as_messages(pa.chunked_array([array]), name, where)
-    return pc.list_element(messages, -1).field("content") if len(messages) else pa.array([], pa.string())
+    lengths = pc.list_value_length(messages)
+    if len(messages) and pc.min(lengths).as_py() == 0:
+        raise InputError(f"'{name}' has no messages", where=where(pc.index(lengths, 0).as_py()))
+    last = pc.subtract(messages.offsets[1:], 1)  # offsets are zero-based after _as_messages
+    return messages.values.take(last).field("content")
 
 
 def _as_responses(column: pa.ChunkedArray, where: Any) -> pa.Array:

@@ -1,0 +1,30 @@
+"""Shared fixtures: the repo's pipelines copied into a temporary folder, and the HH data path."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HH_FILE = Path(os.environ.get("CURATE_HH_FILE", REPO.parent / "shared" / "data" / "hh-rlhf-harmless-test" / "test.jsonl.gz"))
+
+
+@pytest.fixture
+def quickstart(tmp_path: Path) -> Path:
+    """A copy of pipelines/quickstart.yaml and its data in tmp_path; returns the YAML path."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(REPO / "pipelines" / "data" / "quickstart.jsonl", tmp_path / "data" / "quickstart.jsonl")
+    text = (REPO / "pipelines" / "quickstart.yaml").read_text()
+    path = tmp_path / "quickstart.yaml"
+    path.write_text(text.replace("output: out/quickstart", f"output: {tmp_path / 'out'}"))
+    return path
+
+
+@pytest.fixture
+def hh_file() -> Path:
+    """The HH-RLHF harmless-base test file from ../shared/data (skips if it is absent)."""
+    if not HH_FILE.exists():
+        pytest.skip(f"HH data not found at {HH_FILE}")
+    return HH_FILE
