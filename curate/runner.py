@@ -14,6 +14,8 @@ Example: run_pipeline(load_pipeline("pipelines/quickstart.yaml"))["rows_out"]
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import difflib
 import json
 import logging
@@ -22,7 +24,7 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -337,11 +339,17 @@ def _swap_dir(new: str, final: str) -> None:
 
 
 def _clean_stale(out_dir: str) -> None:
-    """Remove temporary folders a killed run left behind."""
-    for name in os.listdir(out_dir):
-        if ".tmp-" in name or ".old-" in name:
-            path = os.path.join(out_dir, name)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    """Remove temporary files and folders a killed run left behind (never a committed file).
+
+    Runs before anything else writes, so no temporary file found here can belong to a live writer.
+    """
+    for root, dirs, files in os.walk(out_dir):
+        for name in [d for d in dirs if ".tmp-" in d or ".old-" in d]:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            dirs.remove(name)
+        for name in files:
+            if ".tmp-" in name:
+                os.remove(os.path.join(root, name))
 
 
 def publish(plan: Plan, store: Store, out_dir: str) -> None:
@@ -468,6 +476,25 @@ def run_pipeline(pipeline: Pipeline, out: str | None = None, refresh: list[str] 
     """
     started = time.perf_counter()
     out_dir = prepare_out_dir(pipeline, out)
+    with _exclusive(out_dir):
+        return _run_locked(pipeline, out_dir, refresh, started)
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: str) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder, so two runs never write into one folder."""
+    with open(os.path.join(out_dir, ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError("another curate run is using this output folder", where=out_dir) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _run_locked(pipeline: Pipeline, out_dir: str, refresh: list[str] | None, started: float) -> dict[str, Any]:
     _clean_stale(out_dir)
     store = Store(out_dir)
     plan, source = make_plan(pipeline, store)
