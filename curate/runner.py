@@ -22,7 +22,8 @@ import logging
 import os
 import shutil
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -32,14 +33,15 @@ import pyarrow.compute as pc
 from curate.config import Pipeline
 from curate.contract import REASON, StageOutput, Verdict, conform, with_reason
 from curate.errors import ConfigError, CurateError, StageError
-from curate.keys import chain_key, digest, file_digest
+from curate.keys import chain_key
 from curate.plan import Plan, PlannedStage, Segment, SourceInfo, build_plan, rename_in, rename_out
-from curate.sources import Ingested, SourceSpec, _is_saved_dataset, _resolve_files, ingest
+from curate.sources import Ingested, SourceSpec, _is_saved_dataset, files_fingerprint, ingest
 from curate.store import Store, part_name, write_parquet_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 SOURCE_ID = "source"
+WRITERS = 2  # background threads that encode and commit parts (Parquet encoding releases the GIL)
 
 
 # Source ---------------------------------------------------------------------------------------
@@ -55,8 +57,7 @@ def source_fingerprint(spec: SourceSpec, base_dir: str) -> str | None:
     path = spec.path if "://" in spec.path or os.path.isabs(spec.path) else os.path.join(base_dir, spec.path)
     if spec.format == "datasets" or _is_saved_dataset(path):
         return None
-    fs, files = _resolve_files(path)
-    return digest(*[file_digest(fs.unstrip_protocol(name)) for name in files])
+    return files_fingerprint(path)
 
 
 def source_key(spec: SourceSpec, fingerprint: str) -> str:
@@ -258,8 +259,8 @@ class LocalRunner:
         self.fitted.add(planned.id)
         return state
 
-    def run_part(self, segment: Segment, index: int, state: pa.Table | None) -> int:
-        """Compute and commit one part of a segment; return its output row count."""
+    def compute_part(self, segment: Segment, index: int, state: pa.Table | None) -> tuple[pa.Table, dict, dict]:
+        """Run a segment's stages on one part; return the output, rejects by stage key and the record."""
         table = self.input_part(segment, index)
         record: dict[str, Any] = {"rows_in": table.num_rows, "stages": {}}
         rejects: dict[str, pa.Table] = {}
@@ -284,11 +285,15 @@ class LocalRunner:
             }
             self.computed[planned.id] += 1
         record["rows_out"] = table.num_rows
-        self.store.commit(segment.key, index, table, rejects, record)
-        return table.num_rows
+        return table, rejects, record
 
     def run_segment(self, segment: Segment) -> None:
-        """Compute the parts of a segment that are not committed yet."""
+        """Compute the parts of a segment that are not committed yet.
+
+        Stages run in this thread, one part at a time; committing a part (Parquet encoding and
+        the atomic rename) runs on `WRITERS` background threads, so writing part i overlaps
+        computing part i+1. At most `WRITERS` computed parts wait in memory.
+        """
         n_parts = self.plan.source.n_parts
         done = self.store.finished(segment.key)
         todo = [i for i in range(n_parts) if i not in done]
@@ -303,8 +308,24 @@ class LocalRunner:
         for planned in segment.stages:
             planned.bound.stage.open()
         progress = Progress(label, len(todo))
-        for index in todo:
-            progress.tick(self.run_part(segment, index, state))
+        pending: deque[tuple[Future, int]] = deque()
+        with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="curate-commit") as pool:
+            try:
+                for index in todo:
+                    table, rejects, record = self.compute_part(segment, index, state)
+                    future = pool.submit(self.store.commit, segment.key, index, table, rejects, record)
+                    pending.append((future, table.num_rows))
+                    while len(pending) >= WRITERS:
+                        self._finish(pending.popleft(), progress)
+            finally:
+                while pending:  # commit what was computed, even when a later part failed
+                    self._finish(pending.popleft(), progress)
+
+    @staticmethod
+    def _finish(item: tuple[Future, int], progress: "Progress") -> None:
+        future, rows = item
+        future.result()
+        progress.tick(rows)
 
     def close(self) -> None:
         for planned in self.plan.stages:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from typing import Any
 
 import pyarrow as pa
@@ -31,7 +32,7 @@ def write_parquet_atomic(table: pa.Table, path: str) -> None:
     Example: write_parquet_atomic(t, "out/data/train-00000-of-00001.parquet")
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
@@ -63,6 +64,7 @@ class Store:
 
     def __init__(self, root: str):
         self.root = root
+        self._manifest_lock = threading.Lock()  # parts are committed from several writer threads
 
     def key_dir(self, key: str) -> str:
         """Folder of one key. Example: store.key_dir("ab12") -> 'out/q/parts/ab12'"""
@@ -105,7 +107,7 @@ class Store:
             write_parquet_atomic(rejected, self.reject_path(key, stage_key, index))
         write_parquet_atomic(table, self.part_path(key, index))
         line = json.dumps({"part": index, **record}, sort_keys=True) + "\n"
-        with open(os.path.join(self.key_dir(key), "manifest.jsonl"), "a", encoding="utf-8") as f:
+        with self._manifest_lock, open(os.path.join(self.key_dir(key), "manifest.jsonl"), "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
