@@ -15,7 +15,7 @@ Example: class Length(Stage): name = "filters.length"; kind = "filter"; Params =
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Literal
 
 import pyarrow as pa
@@ -81,13 +81,15 @@ class Verdict:
 
 @dataclass(frozen=True)
 class StageOutput:
-    """Rows a stage passes on, and the rows it rejected with a `reason` column (or None).
+    """Rows a stage passes on, rows it rejected (with a `reason` column), and counters for stats.json.
 
-    Example: StageOutput(table=pairs, rejected=prompts_with_reason)
+    Counters are summed over parts into the stage's `counters` in stats.json (e.g. generated
+    tokens, responses cut by max_tokens, row errors). Example: StageOutput(pairs, rejected, {"truncated": 2})
     """
 
     table: pa.Table
     rejected: pa.Table | None = None
+    counters: dict[str, int | float] = field(default_factory=dict)
 
 
 class Stage:
@@ -102,9 +104,10 @@ class Stage:
     kind: ClassVar[Kind]
     Params: ClassVar[type[Params]] = NoParams
 
-    def __init__(self, params: Params | None = None, *, seed: int = 0):
+    def __init__(self, params: Params | None = None, *, seed: int = 0, stage_id: str | None = None):
         self.params = params if params is not None else self.Params()
         self.seed = seed
+        self.stage_id = stage_id or self.name.rsplit(".", 1)[-1]  # names per-row columns like `<id>_error`
 
     # Contract -----------------------------------------------------------------------------
     def output_schema(self, schema: pa.Schema) -> pa.Schema:

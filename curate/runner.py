@@ -178,7 +178,7 @@ def run_stage(planned: PlannedStage, table: pa.Table, state: pa.Table | None = N
         rejected = conform(rejected, base.append(pa.field(REASON, pa.string())), planned.id)
     else:
         rejected = None
-    return StageOutput(out, rejected)
+    return StageOutput(out, rejected, dict(result.counters))
 
 
 # Progress ------------------------------------------------------------------------------------
@@ -226,6 +226,7 @@ class LocalRunner:
         self.computed: Counter[str] = Counter()
         self.cached: Counter[str] = Counter()
         self.fitted: set[str] = set()
+        self.opened: set[str] = set()
 
     def input_part(self, segment: Segment, index: int, columns: list[str] | None = None) -> pa.Table:
         """Part `index` of a segment's input. Example: runner.input_part(seg, 0)"""
@@ -281,7 +282,7 @@ class LocalRunner:
                 rejects[planned.key] = result.rejected
             record["stages"][planned.key] = {
                 "rows_in": rows_in, "rows_out": table.num_rows, "dropped": dict(dropped),
-                "seconds": time.perf_counter() - started,
+                "seconds": time.perf_counter() - started, "counters": result.counters,
             }
             self.computed[planned.id] += 1
         record["rows_out"] = table.num_rows
@@ -306,7 +307,9 @@ class LocalRunner:
         log.info("%s: %d parts cached, %d to compute", label, n_parts - len(todo), len(todo))
         state = self.fit_state(segment) if segment.global_stage else None
         for planned in segment.stages:
-            planned.bound.stage.open()
+            if planned.id not in self.opened:  # a model loads once per process, never per part
+                planned.bound.stage.open()
+                self.opened.add(planned.id)
         progress = Progress(label, len(todo))
         pending: deque[tuple[Future, int]] = deque()
         with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="curate-commit") as pool:
@@ -328,8 +331,10 @@ class LocalRunner:
         progress.tick(rows)
 
     def close(self) -> None:
+        """Free what the stages loaded (their models). Example: runner.close()"""
         for planned in self.plan.stages:
-            planned.bound.stage.close()
+            if planned.id in self.opened:
+                planned.bound.stage.close()
 
     def run(self) -> None:
         try:
@@ -416,14 +421,18 @@ def collect_stats(plan: Plan, store: Store, runner: LocalRunner, seconds: float)
         records = manifests[plan.segments[planned.segment].key].values()
         per_part = [r["stages"][planned.key] for r in records if planned.key in r.get("stages", {})]
         dropped: Counter[str] = Counter()
+        counters: Counter[str] = Counter()
         for entry in per_part:
             dropped.update(entry["dropped"])
+            counters.update(entry.get("counters", {}))
         entry = {
             "stage_id": planned.id, "stage": planned.bound.stage.name, "kind": planned.kind, "key": planned.key,
             "rows_in": sum(e["rows_in"] for e in per_part), "rows_out": sum(e["rows_out"] for e in per_part),
             "dropped": dict(sorted(dropped.items())), "seconds": round(sum(e["seconds"] for e in per_part), 4),
             "parts_computed": runner.computed[planned.id], "parts_cached": runner.cached[planned.id],
         }
+        if counters:
+            entry["counters"] = dict(sorted(counters.items()))
         if planned.kind == "global":
             state = store.read_state(planned.key)
             meta = state.schema.metadata or {} if state is not None else {}
