@@ -25,6 +25,7 @@ BUILTIN_MODULES = (
     "curate.filters.dedup",
     "curate.pairing",
     "curate.formatting",
+    "curate.generators.responses",
 )
 
 _STAGES: dict[str, type[Stage]] = {}

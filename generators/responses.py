@@ -1,0 +1,198 @@
+"""The stage `generators.responses`: N candidate responses per prompt from one model or a pool.
+
+Writes the wide `responses` column (`list<struct<text, model, finish_reason, n_tokens>>`) and
+`<stage id>_error` (null when every response came back). Each row's sampling seed is hashed from
+(row id, stage, model, global seed), so re-sharding changes nothing (DESIGN.md §6). With a model
+pool, each prompt is answered by `models_per_prompt` models drawn from `models` (and, when
+`system_prompts` is set, one system prompt drawn per model), the UltraFeedback shape of
+METHODS.md §8.3. Responses cut by `max_tokens` keep `finish_reason: length` and are counted in
+stats.json (`truncated`), never hidden. By default a whole part goes to the engine in one call,
+so the engine schedules it at full occupancy. Leaves out: judging (`curate.judges`).
+
+Example: - stage: generators.responses
+           params: {model: smollm2-135m-instruct, generation: {max_tokens: 128, n: 4, temperature: 0.7, top_p: 0.9}}
+"""
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from curate.backends.base import ChatRequest, Completion, GenerationParams, open_backend, release_backend
+from curate.contract import MESSAGES, RESPONSES, Params, Stage, StageOutput, require, with_fields
+from curate.keys import row_seed
+from curate.models import model_identity
+from curate.registry import register
+
+log = logging.getLogger(__name__)
+
+EXECUTION = {"execution": True}
+
+
+class ResponsesParams(Params):
+    """Params of generators.responses. Example: ResponsesParams(model="smollm2-135m-instruct", generation={"max_tokens": 64})"""
+
+    model: str | None = Field(None, description="one model: built-in name, local folder, .gguf file or Hub id")
+    models: list[str] | None = Field(None, min_length=1, description="a pool of models (UltraFeedback shape)")
+    models_per_prompt: int | None = Field(None, ge=1, description="models drawn from the pool per prompt (default: all)")
+    backend: Literal["vllm", "transformers", "openai"] = Field("vllm", description="engine that generates")
+    generation: GenerationParams = Field(description="sampling params; max_tokens is required")
+    system_prompt: str | None = Field(None, description="system message put in front of (or replacing) the prompt's")
+    system_prompts: list[str] | None = Field(None, min_length=1, description="one drawn per (prompt, model)")
+    dtype: str = Field("auto", description="weights dtype (auto, float32, bfloat16, float16)")
+    max_model_len: int | None = Field(4096, ge=16, description="context length; longer prompts are row errors")
+    base_url: str | None = Field(None, description="openai backend: server URL ending in /v1")
+    batch_size: int | None = Field(None, ge=1, json_schema_extra=EXECUTION,
+                                   description="prompts per engine call (default: the whole part)")
+    max_concurrency: int = Field(16, ge=1, json_schema_extra=EXECUTION, description="openai backend: requests in flight")
+    timeout: float = Field(120.0, gt=0, json_schema_extra=EXECUTION, description="openai backend: seconds per request")
+    max_retries: int = Field(5, ge=0, json_schema_extra=EXECUTION, description="openai backend: retries per request")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, json_schema_extra=EXECUTION,
+                                                 description="vllm on CUDA: share of GPU memory per engine")
+
+    @model_validator(mode="after")
+    def _one_source_of_models(self) -> "ResponsesParams":
+        if (self.model is None) == (self.models is None):
+            raise ValueError("give exactly one of 'model' or 'models'")
+        if self.models_per_prompt is not None and self.models is not None and self.models_per_prompt > len(self.models):
+            raise ValueError("models_per_prompt is larger than the pool")
+        if self.backend == "openai" and self.base_url is None:
+            raise ValueError("the openai backend needs base_url")
+        return self
+
+    @property
+    def pool(self) -> list[str]:
+        return self.models if self.models is not None else [self.model]
+
+
+def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    """Put `system` first, replacing a system message the prompt already has.
+
+    Example: with_system([{"role": "user", "content": "hi"}], "Be brief.")[0]["role"] -> 'system'
+    """
+    if system is None:
+        return messages
+    rest = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    return [{"role": "system", "content": system}] + rest
+
+
+@register
+class Responses(Stage):
+    """Generate candidate responses (module docstring). Example: see the module docstring"""
+
+    name = "generators.responses"
+    kind = "model"
+    Params = ResponsesParams
+    uses_seed = True
+
+    def __init__(self, params: Params | None = None, *, seed: int = 0, stage_id: str | None = None):
+        super().__init__(params, seed=seed, stage_id=stage_id)
+        self._backends: dict[str, Any] = {}
+
+    @property
+    def error_column(self) -> str:
+        return f"{self.stage_id}_error"
+
+    def key_material(self) -> dict[str, Any]:
+        material = super().key_material()
+        if self.params.backend != "openai":
+            material["model_identity"] = [model_identity(m) for m in self.params.pool]
+        return material
+
+    def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        require(schema, {"id": pa.string(), "prompt": MESSAGES}, self.name)
+        return with_fields(schema, {"responses": RESPONSES, self.error_column: pa.string()})
+
+    # Backends -------------------------------------------------------------------------------
+    def _options(self) -> dict[str, Any]:
+        p = self.params
+        if p.backend == "vllm":
+            options: dict[str, Any] = {"dtype": p.dtype, "max_model_len": p.max_model_len, "seed": self.seed}
+            if p.gpu_memory_utilization is not None:
+                options["gpu_memory_utilization"] = p.gpu_memory_utilization
+            return options
+        if p.backend == "transformers":
+            return {"dtype": "float32" if p.dtype == "auto" else p.dtype}
+        return {"base_url": p.base_url, "max_concurrency": p.max_concurrency, "timeout": p.timeout,
+                "max_retries": p.max_retries}
+
+    def backend(self, model: str) -> Any:
+        """The loaded backend of one pool model (loaded once per process). Example: stage.backend(m)"""
+        if model not in self._backends:
+            self._backends[model] = open_backend(self.params.backend, model, **self._options())
+        return self._backends[model]
+
+    def open(self) -> None:
+        for model in self.params.pool:
+            self.backend(model)
+
+    def close(self) -> None:
+        for backend in self._backends.values():
+            release_backend(backend)
+        self._backends.clear()
+
+    # Work -----------------------------------------------------------------------------------
+    def assignments(self, row_id: str) -> list[tuple[str, str | None]]:
+        """The (model, system prompt) pairs that answer one row, drawn with the row's seed.
+
+        Example: stage.assignments("r1") -> [("smollm2-135m-instruct", None)]
+        """
+        p = self.params
+        rng = random.Random(row_seed(row_id, f"{self.name}:pool", self.seed))
+        models = p.pool if p.models_per_prompt is None else rng.sample(p.pool, p.models_per_prompt)
+        if p.system_prompts:
+            return [(m, rng.choice(p.system_prompts)) for m in models]
+        return [(m, p.system_prompt) for m in models]
+
+    def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:
+        p = self.params
+        ids = table.column("id").to_pylist()
+        prompts = table.column("prompt").to_pylist()
+        by_model: dict[str, list[tuple[int, int, ChatRequest]]] = {}
+        slots: list[int] = []
+        for row, (row_id, messages) in enumerate(zip(ids, prompts)):
+            assigned = self.assignments(row_id)
+            slots.append(len(assigned))
+            for slot, (model, system) in enumerate(assigned):
+                seed = row_seed(row_id, f"{self.name}:{model}", self.seed) % (2**31)
+                request = ChatRequest(with_system(messages, system), p.generation, seed=seed)
+                by_model.setdefault(model, []).append((row, slot, request))
+        answers: list[list[list[Completion]]] = [[[] for _ in range(n)] for n in slots]
+        for model, jobs in by_model.items():
+            step = p.batch_size or len(jobs)
+            for start in range(0, len(jobs), step):
+                chunk = jobs[start:start + step]
+                for (row, slot, _), completions in zip(chunk, self.backend(model).generate([j[2] for j in chunk])):
+                    answers[row][slot] = completions
+        return self._assemble(table, answers)
+
+    def _assemble(self, table: pa.Table, answers: list[list[list[Completion]]]) -> StageOutput:
+        """Responses and error columns from the completions, plus counters for stats.json."""
+        responses, errors = [], []
+        counters = {"responses": 0, "truncated": 0, "tokens_generated": 0, "prompt_tokens": 0,
+                    "failed_responses": 0, "row_errors": 0}
+        for row in answers:
+            kept, failed = [], []
+            for completions in row:
+                for c in completions:
+                    if c.error is not None:
+                        failed.append(c.error)
+                        continue
+                    kept.append({"text": c.text, "model": c.model, "finish_reason": c.finish_reason, "n_tokens": c.n_tokens})
+                    counters["truncated"] += c.truncated
+                    counters["tokens_generated"] += c.n_tokens
+                    counters["prompt_tokens"] += c.n_prompt_tokens
+            counters["responses"] += len(kept)
+            counters["failed_responses"] += len(failed)
+            counters["row_errors"] += bool(failed)
+            responses.append(kept)
+            errors.append(f"{len(failed)} of {len(kept) + len(failed)} responses failed: {failed[0]}" if failed else None)
+        out = table
+        for name, array in (("responses", pa.array(responses, RESPONSES)), (self.error_column, pa.array(errors, pa.string()))):
+            index = out.schema.get_field_index(name)
+            out = out.set_column(index, name, array) if index >= 0 else out.append_column(name, array)
+        return StageOutput(out, counters=counters)
+
