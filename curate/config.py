@@ -84,18 +84,25 @@ class Pipeline:
 # YAML with line numbers ----------------------------------------------------------------------
 
 
-def _line_map(node: yaml.Node, path: Path, lines: dict[Path, int]) -> None:
-    """Record the 1-based line of every mapping key and sequence item under `node`."""
+def _line_map(node: yaml.Node, path: Path, lines: dict[Path, int], seen: set[int]) -> None:
+    """Record the 1-based line of every mapping key and sequence item under `node`.
+
+    A node reached again through an alias (`*name`) is not walked again: a recursive alias would
+    never end and nested aliases would take exponential time; its keys keep the alias's line.
+    """
     lines.setdefault(path, node.start_mark.line + 1)
+    if id(node) in seen:
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             child = path + (key_node.value,)
             lines[child] = key_node.start_mark.line + 1
-            _line_map(value_node, child, lines)
+            _line_map(value_node, child, lines, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[path + (i,)] = item.start_mark.line + 1
-            _line_map(item, path + (i,), lines)
+            _line_map(item, path + (i,), lines, seen)
 
 
 def read_yaml(text: str, filename: str) -> tuple[Any, dict[Path, int]]:
@@ -114,23 +121,69 @@ def read_yaml(text: str, filename: str) -> tuple[Any, dict[Path, int]]:
         where = f"{filename}:{mark.line + 1}" if mark else filename
         problem = exc.problem or "invalid YAML"
         if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in problem:
-            problem = f"YAML tags are not allowed ({problem.split('tag')[-1].strip()})"
+            problem = f"YAML tags are not allowed ({_tag_name(problem)})"
         raise ConfigError(problem, where=where) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", where=filename) from None
     finally:
         loader.dispose()
+    _refuse_duplicate_keys(node, filename, set())
     lines: dict[Path, int] = {}
-    _line_map(node, (), lines)
+    _line_map(node, (), lines, set())
     return data, lines
 
 
-def _locate(lines: dict[Path, int], filename: str, loc: Path) -> str:
-    """file:line of the longest known prefix of a key path."""
+def _tag_name(problem: str) -> str:
+    """The tag a ConstructorError names, written as in the file (`!!python/...`, `!include`).
+
+    Example: _tag_name("... for the tag 'tag:yaml.org,2002:python/name:os.system'") -> '!!python/name:os.system'
+    """
+    tag = problem.split(" the tag ", 1)[-1].strip().strip("'")
+    return tag.replace("tag:yaml.org,2002:", "!!", 1)
+
+
+def _refuse_duplicate_keys(node: yaml.Node, filename: str, seen: set[int]) -> None:
+    """Raise ConfigError at the second of two equal keys in one mapping (YAML would keep the last silently).
+
+    Example: "a: 1\\na: 2\\n" -> ConfigError "p.yaml:2: key 'a' is given twice (first on line 1)"
+    """
+    if id(node) in seen:  # an alias of a node already checked (see _line_map)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in first_line:
+                    raise ConfigError(f"key '{key_node.value}' is given twice (first on line {first_line[key_node.value]})",
+                                      where=f"{filename}:{line}")
+                first_line[key_node.value] = line
+            _refuse_duplicate_keys(value_node, filename, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, filename, seen)
+
+
+def _locate(lines: dict[Path, int | str], filename: str, loc: Path) -> str:
+    """file:line of the longest known prefix of a key path (or the `--set` item that wrote it)."""
     for end in range(len(loc), -1, -1):
         if tuple(loc[:end]) in lines:
-            return f"{filename}:{lines[tuple(loc[:end])]}"
+            line = lines[tuple(loc[:end])]
+            return line if isinstance(line, str) else f"{filename}:{line}"
     return filename
+
+
+def _blame_overrides(lines: dict[Path, int | str], overrides: list[str]) -> None:
+    """Point the key paths an override wrote at that `--set` item instead of the YAML's lines.
+
+    Example: overrides ["source.lmit=5"] -> lines[("source", "lmit")] == "--set source.lmit=5"
+    """
+    for item in overrides:
+        path = tuple(int(p) if p.isdigit() else p for p in item.split("=", 1)[0].split("."))
+        for known in [k for k in lines if k[: len(path)] == path]:
+            del lines[known]
+        lines[path] = f"--set {item}"
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:
@@ -158,8 +211,13 @@ def _known_fields(model: type[BaseModel], loc: Path) -> list[str]:
 
 
 def _validation_error(exc: ValidationError, model: type[BaseModel], lines, filename, prefix: Path = ()) -> ConfigError:
-    """The first pydantic error as a ConfigError with file:line and a did-you-mean."""
-    err = exc.errors()[0]
+    """The first pydantic error as a ConfigError with file:line and a did-you-mean.
+
+    An unknown key comes first: a misspelt `sorce` also makes `source` missing, and the
+    misspelling is the error worth naming.
+    """
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = prefix + tuple(err["loc"])
     where = _locate(lines, filename, loc)
     dotted = ".".join(str(p) for p in loc)
@@ -199,6 +257,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             else:
                 raise ConfigError(f"cannot set '{dotted}': '{part}' is not a mapping or list index", where="--set")
         last: Any = int(parts[-1]) if isinstance(target, list) and parts[-1].isdigit() else parts[-1]
+        if not (isinstance(target, dict) or isinstance(target, list) and isinstance(last, int) and last < len(target)):
+            parent = ".".join(parts[:-1])
+            raise ConfigError(f"cannot set '{dotted}': '{parent}' is neither a mapping nor a list that long", where="--set")
         target[last] = value
     return data
 
@@ -226,7 +287,8 @@ def _bind_stage(spec: StageSpec, index: int, seed: int, lines, filename: str, ta
             ) from None
         if err["type"] == "missing":
             raise ConfigError(f"stage '{spec.stage}' needs parameter '{name}'", where=where) from None
-        raise ConfigError(f"stage '{spec.stage}' parameter '{name}': {err['msg']}", where=where) from None
+        what = f"parameter '{name}'" if name else "params"  # a check across parameters has no name
+        raise ConfigError(f"stage '{spec.stage}' {what}: {err['msg']}", where=where) from None
     stage_id = spec.id or spec.stage.rsplit(".", 1)[-1]
     if spec.id is None:
         suffix = 2
@@ -241,7 +303,7 @@ def _bind_stage(spec: StageSpec, index: int, seed: int, lines, filename: str, ta
     taken.add(stage_id)
     return BoundStage(
         id=stage_id,
-        stage=cls(params, seed=seed),
+        stage=cls(params, seed=seed, stage_id=stage_id),
         inputs=dict(spec.inputs),
         outputs=dict(spec.outputs),
         where=_locate(lines, filename, loc),
@@ -257,6 +319,7 @@ def parse_pipeline(text: str, filename: str, overrides: list[str] | None = None)
     if not isinstance(data, dict):
         raise ConfigError(f"the pipeline must be a mapping, found {type(data).__name__}", where=f"{filename}:1")
     data = apply_overrides(data, overrides or [])
+    _blame_overrides(lines, overrides or [])
     try:
         spec = PipelineSpec(**data)
     except ValidationError as exc:

@@ -147,7 +147,9 @@ def _read_jsonl(fs: Any, name: str) -> pa.Table:
     if not raw.strip():
         raise InputError("file is empty", where=name)
     try:
-        return pa_json.read_json(io.BytesIO(raw))
+        table = pa_json.read_json(io.BytesIO(raw))
+        table.validate(full=True)  # Arrow's JSON reader lets invalid UTF-8 through into strings
+        return table
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as arrow_error:
         rows = _parse_lines_strictly(raw, name)
         try:
@@ -379,11 +381,12 @@ def _normalize_ids(table: pa.Table, where: Any) -> pa.Table:
         raise InputError("'id' is null", where=where(first))
     if not pa.types.is_string(ids.type):
         ids = pc.cast(ids, pa.string())
-    if pl.from_arrow(ids).n_unique() != len(ids):  # polars: ~7x faster than Arrow's count_distinct here
-        counts = pc.value_counts(ids)
-        dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+    series = pl.from_arrow(ids)
+    if series.n_unique() != len(ids):  # polars: ~7x faster than Arrow's count_distinct here
+        repeat = int((~series.is_first_distinct()).arg_true()[0])  # the first row whose id was seen before
+        dup = ids[repeat].as_py()
         first = pc.index(ids, dup).as_py()
-        raise InputError(f"'id' {dup!r} is not unique", where=where(first))
+        raise InputError(f"'id' {dup!r} is not unique (first at {where(first)})", where=where(repeat))
     index = table.schema.get_field_index("id")
     table = table.remove_column(index)
     return table.add_column(0, "id", ids)
@@ -483,11 +486,15 @@ def ingest(spec: SourceSpec, base_dir: str) -> Ingested:
     def where(i: int) -> str:
         return _where(origins, int(positions[i]))
 
-    table = _normalize_ids(table, where)  # ids hash the source row as read, before any parsing
-    rejected = None
-    if spec.parse == "hh":
-        table, rejected, kept = _parse_hh(table)
-        positions = positions[kept]
-    table = normalize(table, where)
+    try:
+        table = _normalize_ids(table, where)  # ids hash the source row as read, before any parsing
+        rejected = None
+        if spec.parse == "hh":
+            table, rejected, kept = _parse_hh(table)
+            positions = positions[kept]
+        table = normalize(table, where)
+    except InputError as exc:  # a problem with a whole column names the source, not a row
+        exc.where = exc.where or spec.path or spec.hub
+        raise
     log.info("ingested %d rows from %s", table.num_rows, spec.path or spec.hub)
     return Ingested(table=table, rejected=rejected, fingerprint=fingerprint, origins=origins)
