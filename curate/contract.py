@@ -214,6 +214,17 @@ def conform(table: pa.Table, schema: pa.Schema, stage: str) -> pa.Table:
         raise StageError(f"output does not cast to the declared schema: {exc}", where=f"stage '{stage}'") from exc
 
 
+def put_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
+    """Replace columns in place or append them at the end (the table version of `with_fields`).
+
+    Example: put_columns(t, {"sr_scores": scores}).column_names[-1] -> 'sr_scores'
+    """
+    for name, array in columns.items():
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, name, array) if index >= 0 else table.append_column(name, array)
+    return table
+
+
 def with_reason(table: pa.Table, reason: pa.Array | str) -> pa.Table:
     """Append the `reason` column that every rejected row carries.
 

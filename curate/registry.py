@@ -26,6 +26,7 @@ BUILTIN_MODULES = (
     "curate.pairing",
     "curate.formatting",
     "curate.generators.responses",
+    "curate.judges.self_reward",
 )
 
 _STAGES: dict[str, type[Stage]] = {}

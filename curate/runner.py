@@ -204,7 +204,7 @@ class Progress:
         self.last_log = now
         elapsed = now - self.started
         eta = elapsed / self.done * (self.total - self.done)
-        log.info("%s: part %d/%d, %d rows, %.0f rows/s, ETA %s", self.label, self.done, self.total, self.rows,
+        log.info("%s: part %d/%d, %d rows, %.3g rows/s, ETA %s", self.label, self.done, self.total, self.rows,
                  self.rows / elapsed if elapsed > 0 else 0.0, _clock(eta))
 
 

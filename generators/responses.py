@@ -16,42 +16,30 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 from pydantic import Field, model_validator
 
 from curate.backends.base import ChatRequest, Completion, GenerationParams, open_backend, release_backend
-from curate.contract import MESSAGES, RESPONSES, Params, Stage, StageOutput, require, with_fields
+from curate.backends.params import ModelParams, backend_options, run_batched
+from curate.contract import MESSAGES, RESPONSES, Params, Stage, StageOutput, put_columns, require, with_fields
 from curate.keys import row_seed
 from curate.models import model_identity
 from curate.registry import register
 
 log = logging.getLogger(__name__)
 
-EXECUTION = {"execution": True}
 
-
-class ResponsesParams(Params):
+class ResponsesParams(ModelParams):
     """Params of generators.responses. Example: ResponsesParams(model="smollm2-135m-instruct", generation={"max_tokens": 64})"""
 
     model: str | None = Field(None, description="one model: built-in name, local folder, .gguf file or Hub id")
     models: list[str] | None = Field(None, min_length=1, description="a pool of models (UltraFeedback shape)")
     models_per_prompt: int | None = Field(None, ge=1, description="models drawn from the pool per prompt (default: all)")
-    backend: Literal["vllm", "transformers", "openai"] = Field("vllm", description="engine that generates")
     generation: GenerationParams = Field(description="sampling params; max_tokens is required")
     system_prompt: str | None = Field(None, description="system message put in front of (or replacing) the prompt's")
     system_prompts: list[str] | None = Field(None, min_length=1, description="one drawn per (prompt, model)")
-    dtype: str = Field("auto", description="weights dtype (auto, float32, bfloat16, float16)")
-    max_model_len: int | None = Field(4096, ge=16, description="context length; longer prompts are row errors")
-    base_url: str | None = Field(None, description="openai backend: server URL ending in /v1")
-    batch_size: int | None = Field(None, ge=1, json_schema_extra=EXECUTION,
-                                   description="prompts per engine call (default: the whole part)")
-    max_concurrency: int = Field(16, ge=1, json_schema_extra=EXECUTION, description="openai backend: requests in flight")
-    timeout: float = Field(120.0, gt=0, json_schema_extra=EXECUTION, description="openai backend: seconds per request")
-    max_retries: int = Field(5, ge=0, json_schema_extra=EXECUTION, description="openai backend: retries per request")
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, json_schema_extra=EXECUTION,
-                                                 description="vllm on CUDA: share of GPU memory per engine")
 
     @model_validator(mode="after")
     def _one_source_of_models(self) -> "ResponsesParams":
@@ -107,22 +95,10 @@ class Responses(Stage):
         return with_fields(schema, {"responses": RESPONSES, self.error_column: pa.string()})
 
     # Backends -------------------------------------------------------------------------------
-    def _options(self) -> dict[str, Any]:
-        p = self.params
-        if p.backend == "vllm":
-            options: dict[str, Any] = {"dtype": p.dtype, "max_model_len": p.max_model_len, "seed": self.seed}
-            if p.gpu_memory_utilization is not None:
-                options["gpu_memory_utilization"] = p.gpu_memory_utilization
-            return options
-        if p.backend == "transformers":
-            return {"dtype": "float32" if p.dtype == "auto" else p.dtype}
-        return {"base_url": p.base_url, "max_concurrency": p.max_concurrency, "timeout": p.timeout,
-                "max_retries": p.max_retries}
-
     def backend(self, model: str) -> Any:
         """The loaded backend of one pool model (loaded once per process). Example: stage.backend(m)"""
         if model not in self._backends:
-            self._backends[model] = open_backend(self.params.backend, model, **self._options())
+            self._backends[model] = open_backend(self.params.backend, model, **backend_options(self.params, self.seed))
         return self._backends[model]
 
     def open(self) -> None:
@@ -162,11 +138,9 @@ class Responses(Stage):
                 by_model.setdefault(model, []).append((row, slot, request))
         answers: list[list[list[Completion]]] = [[[] for _ in range(n)] for n in slots]
         for model, jobs in by_model.items():
-            step = p.batch_size or len(jobs)
-            for start in range(0, len(jobs), step):
-                chunk = jobs[start:start + step]
-                for (row, slot, _), completions in zip(chunk, self.backend(model).generate([j[2] for j in chunk])):
-                    answers[row][slot] = completions
+            completions = run_batched(self.backend(model), [job[2] for job in jobs], p.batch_size)
+            for (row, slot, _), answer in zip(jobs, completions):
+                answers[row][slot] = answer
         return self._assemble(table, answers)
 
     def _assemble(self, table: pa.Table, answers: list[list[list[Completion]]]) -> StageOutput:
@@ -190,9 +164,6 @@ class Responses(Stage):
             counters["row_errors"] += bool(failed)
             responses.append(kept)
             errors.append(f"{len(failed)} of {len(kept) + len(failed)} responses failed: {failed[0]}" if failed else None)
-        out = table
-        for name, array in (("responses", pa.array(responses, RESPONSES)), (self.error_column, pa.array(errors, pa.string()))):
-            index = out.schema.get_field_index(name)
-            out = out.set_column(index, name, array) if index >= 0 else out.append_column(name, array)
-        return StageOutput(out, counters=counters)
+        columns = {"responses": pa.array(responses, RESPONSES), self.error_column: pa.array(errors, pa.string())}
+        return StageOutput(put_columns(table, columns), counters=counters)
 

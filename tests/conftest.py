@@ -12,13 +12,13 @@ HH_FILE = Path(os.environ.get("CURATE_HH_FILE", REPO.parent / "shared" / "data" 
 
 
 @pytest.fixture
-def quickstart(tmp_path: Path) -> Path:
-    """A copy of pipelines/quickstart.yaml and its data in tmp_path; returns the YAML path."""
+def scored(tmp_path: Path) -> Path:
+    """A copy of pipelines/scored.yaml and its data in tmp_path; returns the YAML path."""
     (tmp_path / "data").mkdir()
-    shutil.copy(REPO / "pipelines" / "data" / "quickstart.jsonl", tmp_path / "data" / "quickstart.jsonl")
-    text = (REPO / "pipelines" / "quickstart.yaml").read_text()
-    path = tmp_path / "quickstart.yaml"
-    path.write_text(text.replace("output: out/quickstart", f"output: {tmp_path / 'out'}"))
+    shutil.copy(REPO / "pipelines" / "data" / "scored_candidates.jsonl", tmp_path / "data" / "scored_candidates.jsonl")
+    text = (REPO / "pipelines" / "scored.yaml").read_text()
+    path = tmp_path / "scored.yaml"
+    path.write_text(text.replace("output: out/scored", f"output: {tmp_path / 'out'}"))
     return path
 
 

