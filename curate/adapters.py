@@ -1,0 +1,86 @@
+"""Run a method written for `pyarrow.Table` on polars, pandas or `datasets` objects, same type back.
+
+Methods are library functions first (DESIGN.md §3): each takes and returns a `pyarrow.Table`.
+`@accepts_frames` lets the same function take a polars DataFrame, a pandas DataFrame or a
+`datasets.Dataset` and hand back that type, converted through Arrow (zero-copy where the
+library allows). A `datasets.Dataset` result gets a fingerprint derived from the input's and
+the call's arguments, so `datasets`' own caching keeps working. Leaves out: lazy frames
+(collect them first) and streaming (`IterableDataset`).
+
+Example: @accepts_frames def scores(table: pa.Table) -> pa.Table: ...; scores(polars_df) -> polars DataFrame
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, TypeVar
+
+import pyarrow as pa
+
+from curate.keys import canonical_json, digest
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def to_arrow(data: Any) -> tuple[pa.Table, str]:
+    """The Arrow table behind `data` and the name of its kind.
+
+    Example: to_arrow(pl.DataFrame({"a": [1]})) -> (pyarrow.Table, 'polars')
+    """
+    if isinstance(data, pa.Table):
+        return data, "arrow"
+    module = type(data).__module__.split(".")[0]
+    if module == "polars":
+        return data.to_arrow(), "polars"
+    if module == "pandas":
+        return pa.Table.from_pandas(data, preserve_index=False), "pandas"
+    if module == "datasets":
+        import datasets
+
+        if isinstance(data, datasets.Dataset):
+            table = data.data.table if data._indices is None else data.flatten_indices().data.table
+            return pa.table(table), "datasets"
+    raise TypeError(f"expected a pyarrow Table, polars or pandas DataFrame or datasets.Dataset, got {type(data).__name__}")
+
+
+def from_arrow(table: pa.Table, kind: str, like: Any = None, call_key: str = "") -> Any:
+    """Convert an Arrow table back to `kind` (see `to_arrow`).
+
+    Example: from_arrow(table, "pandas") -> pandas.DataFrame
+    """
+    if kind == "arrow":
+        return table
+    if kind == "polars":
+        import polars as pl
+
+        return pl.from_arrow(table)
+    if kind == "pandas":
+        return table.to_pandas()
+    if kind == "datasets":
+        import datasets
+
+        fingerprint = digest(getattr(like, "_fingerprint", ""), call_key)
+        return datasets.Dataset(table, fingerprint=fingerprint)
+    raise ValueError(kind)
+
+
+def _call_key(func: Callable, args: tuple, kwargs: dict) -> str:
+    """A stable description of a call's non-data arguments (for the datasets fingerprint)."""
+    try:
+        return canonical_json({"f": f"{func.__module__}.{func.__qualname__}", "args": list(args), "kwargs": kwargs})
+    except TypeError:
+        return f"{func.__module__}.{func.__qualname__}:{id(args)}"
+
+
+def accepts_frames(func: F) -> F:
+    """Decorator: the first argument may be any supported frame; the result has the same type.
+
+    Example: filtered = ches_filter(datasets_dataset, model="smollm2-135m-instruct")
+    """
+
+    @functools.wraps(func)
+    def wrapper(data: Any, *args: Any, **kwargs: Any) -> Any:
+        table, kind = to_arrow(data)
+        result = func(table, *args, **kwargs)
+        return from_arrow(result, kind, like=data, call_key=_call_key(func, args, kwargs))
+
+    return wrapper  # type: ignore[return-value]
