@@ -39,7 +39,7 @@ def bench_generation(args: argparse.Namespace) -> None:
     stage = Responses(ResponsesParams(model=args.model, dtype=args.dtype, generation=generation), seed=0)
     msgs = prompts(args.prompts)
     table = pa.table({"id": [f"b{i}" for i in range(len(msgs))], "prompt": pa.array(msgs, MESSAGES)})
-    backend = stage.backend(args.model)  # the engine both sides use
+    backend = stage.models.get(args.model)  # the engine both sides use
     seeds = [_row_seed(stage, f"b{i}") for i in range(len(msgs))]  # the seeds the stage uses
     token_prompts = [TokensPrompt(prompt_token_ids=encode_prompt(backend.tokenizer, m)) for m in msgs]
     params = [SamplingParams(n=args.n, max_tokens=args.max_tokens, temperature=0.7, top_p=0.9, seed=s) for s in seeds]

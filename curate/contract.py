@@ -109,6 +109,11 @@ class Stage:
         self.seed = seed
         self.stage_id = stage_id or self.name.rsplit(".", 1)[-1]  # names per-row columns like `<id>_error`
 
+    @property
+    def error_column(self) -> str:
+        """Column for row-level failures of model stages: `<stage id>_error` (DESIGN.md §2)."""
+        return f"{self.stage_id}_error"
+
     # Contract -----------------------------------------------------------------------------
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         """Schema of this stage's output for the given input schema; raise SchemaError if unfit.
@@ -152,6 +157,14 @@ class Stage:
     def fit(self, tables: Iterable[pa.Table]) -> pa.Table:  # global
         """Global kind: compute the state over every part of the input. Example: stage.fit(parts)"""
         raise NotImplementedError
+
+    def fit_summary(self, state: pa.Table) -> dict[str, Any]:  # global
+        """Global kind: dataset-level numbers of the fitted state for stats.json (`fit` of the stage).
+
+        Counters are summed over parts, so a fitted value such as an estimated flip rate goes
+        here instead. Plain JSON values. Example: {"eps_hat": 0.19, "n": 20000}
+        """
+        return {}
 
 
 # Schema helpers -----------------------------------------------------------------------------

@@ -21,11 +21,10 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from curate.backends.base import ChatRequest, Completion, GenerationParams, open_backend, release_backend
-from curate.backends.params import ModelParams, backend_options, run_batched
+from curate.backends.base import ChatRequest, Completion, GenerationParams
+from curate.backends.params import LoadedModels, ModelParams, identities, run_batched
 from curate.contract import MESSAGES, RESPONSES, Params, Stage, StageOutput, put_columns, require, with_fields
 from curate.keys import row_seed
-from curate.models import model_identity
 from curate.registry import register
 
 log = logging.getLogger(__name__)
@@ -78,37 +77,21 @@ class Responses(Stage):
 
     def __init__(self, params: Params | None = None, *, seed: int = 0, stage_id: str | None = None):
         super().__init__(params, seed=seed, stage_id=stage_id)
-        self._backends: dict[str, Any] = {}
-
-    @property
-    def error_column(self) -> str:
-        return f"{self.stage_id}_error"
+        self.models = LoadedModels(self.params, seed)
 
     def key_material(self) -> dict[str, Any]:
-        material = super().key_material()
-        if self.params.backend != "openai":
-            material["model_identity"] = [model_identity(m) for m in self.params.pool]
-        return material
+        return super().key_material() | {"model_identity": identities(self.params, self.params.pool)}
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require(schema, {"id": pa.string(), "prompt": MESSAGES}, self.name)
         return with_fields(schema, {"responses": RESPONSES, self.error_column: pa.string()})
 
-    # Backends -------------------------------------------------------------------------------
-    def backend(self, model: str) -> Any:
-        """The loaded backend of one pool model (loaded once per process). Example: stage.backend(m)"""
-        if model not in self._backends:
-            self._backends[model] = open_backend(self.params.backend, model, **backend_options(self.params, self.seed))
-        return self._backends[model]
-
     def open(self) -> None:
         for model in self.params.pool:
-            self.backend(model)
+            self.models.get(model)
 
     def close(self) -> None:
-        for backend in self._backends.values():
-            release_backend(backend)
-        self._backends.clear()
+        self.models.release()
 
     # Work -----------------------------------------------------------------------------------
     def assignments(self, row_id: str) -> list[tuple[str, str | None]]:
@@ -138,7 +121,7 @@ class Responses(Stage):
                 by_model.setdefault(model, []).append((row, slot, request))
         answers: list[list[list[Completion]]] = [[[] for _ in range(n)] for n in slots]
         for model, jobs in by_model.items():
-            completions = run_batched(self.backend(model), [job[2] for job in jobs], p.batch_size)
+            completions = run_batched(self.models.get(model), [job[2] for job in jobs], p.batch_size)
             for (row, slot, _), answer in zip(jobs, completions):
                 answers[row][slot] = answer
         return self._assemble(table, answers)

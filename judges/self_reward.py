@@ -23,12 +23,11 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field
 
-from curate.backends.base import ChatRequest, GenerationParams, open_backend, release_backend
-from curate.backends.params import ModelParams, backend_options, run_batched
+from curate.backends.base import ChatRequest, GenerationParams
+from curate.backends.params import LoadedModels, ModelParams, identities, run_batched
 from curate.contract import MESSAGES, RESPONSES, Stage, StageOutput, put_columns, require, with_fields
 from curate.judges.templates import conversation_text, load_template
 from curate.keys import row_seed
-from curate.models import model_identity
 from curate.registry import register
 
 log = logging.getLogger(__name__)
@@ -100,18 +99,11 @@ class SelfRewardJudge(Stage):
     def __init__(self, params: SelfRewardParams | None = None, *, seed: int = 0, stage_id: str | None = None):
         super().__init__(params, seed=seed, stage_id=stage_id)
         self.template = load_template(self.params.template, required=("prompt", "response"))
-        self._backend: Any = None
-
-    @property
-    def error_column(self) -> str:
-        return f"{self.stage_id}_error"
+        self.models = LoadedModels(self.params, seed)
 
     def key_material(self) -> dict[str, Any]:
-        material = super().key_material()
-        material["template_hash"] = self.template.hash
-        if self.params.backend != "openai":
-            material["model_identity"] = model_identity(self.params.model)
-        return material
+        return super().key_material() | {"template_hash": self.template.hash,
+                                         "model_identity": identities(self.params, [self.params.model])}
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require(schema, {"id": pa.string(), "prompt": MESSAGES, self.params.responses: RESPONSES}, self.name)
@@ -123,19 +115,11 @@ class SelfRewardJudge(Stage):
             self.error_column: pa.string(),
         })
 
-    def backend(self) -> Any:
-        if self._backend is None:
-            p = self.params
-            self._backend = open_backend(p.backend, p.model, **backend_options(p, self.seed))
-        return self._backend
-
     def open(self) -> None:
-        self.backend()
+        self.models.get(self.params.model)
 
     def close(self) -> None:
-        if self._backend is not None:
-            release_backend(self._backend)
-            self._backend = None
+        self.models.release()
 
     def requests(self, row_id: str, messages: list[dict], responses: list[dict]) -> list[ChatRequest]:
         """One judge request per candidate (n = samples), seeded from the row id and candidate index.
@@ -162,7 +146,7 @@ class SelfRewardJudge(Stage):
             for request in self.requests(row_id, messages, responses):
                 requests.append(request)
                 owners.append(row)
-        completions = run_batched(self.backend(), requests, p.batch_size)
+        completions = run_batched(self.models.get(p.model), requests, p.batch_size)
         judgments: list[list[list[str | None]]] = [[] for _ in ids]
         for row, answer in zip(owners, completions):
             judgments[row].append([c.text if c.error is None else None for c in answer])

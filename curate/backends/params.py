@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from curate.backends.base import open_backend, release_backend
 from curate.contract import Params
 
 EXECUTION = {"execution": True}
@@ -59,3 +60,37 @@ def run_batched(backend: Any, requests: list, batch_size: int | None) -> list:
     for start in range(0, len(requests), step):
         out.extend(backend.generate(requests[start:start + step]))
     return out
+
+
+class LoadedModels:
+    """The backends one stage uses: loaded on first use (shared per process), released on close.
+
+    Example: models = LoadedModels(params, seed); models.get("smollm2-135m-instruct").generate(requests)
+    """
+
+    def __init__(self, params: ModelParams, seed: int):
+        self.params = params
+        self.seed = seed
+        self._loaded: dict[str, Any] = {}
+
+    def get(self, model: str) -> Any:
+        """The loaded backend of `model`. Example: models.get(m).logprobs(items)"""
+        if model not in self._loaded:
+            self._loaded[model] = open_backend(self.params.backend, model, **backend_options(self.params, self.seed))
+        return self._loaded[model]
+
+    def release(self) -> None:
+        """Close every backend this stage loaded. Example: models.release()"""
+        for backend in self._loaded.values():
+            release_backend(backend)
+        self._loaded.clear()
+
+
+def identities(params: ModelParams, models: list[str]) -> list[str] | None:
+    """Model identities for a stage key (None for remote servers, keyed by name and URL in params).
+
+    Example: identities(params, ["smollm2-135m-instruct"]) -> ['smollm2-135m-instruct@1dff70ef9e21']
+    """
+    from curate.models import model_identity
+
+    return None if params.backend == "openai" else [model_identity(m) for m in models]
