@@ -74,6 +74,8 @@ def _call_key(func: Callable, args: tuple, kwargs: dict) -> str:
 def accepts_frames(func: F) -> F:
     """Decorator: the first argument may be any supported frame; the result has the same type.
 
+    A function that returns `(table, extra, ...)` gets `(frame, extra, ...)` back.
+
     Example: filtered = ches_filter(datasets_dataset, model="smollm2-135m-instruct")
     """
 
@@ -81,6 +83,9 @@ def accepts_frames(func: F) -> F:
     def wrapper(data: Any, *args: Any, **kwargs: Any) -> Any:
         table, kind = to_arrow(data)
         result = func(table, *args, **kwargs)
-        return from_arrow(result, kind, like=data, call_key=_call_key(func, args, kwargs))
+        key = _call_key(func, args, kwargs)
+        if isinstance(result, tuple) and result and isinstance(result[0], pa.Table):  # (table, extras...)
+            return (from_arrow(result[0], kind, like=data, call_key=key), *result[1:])
+        return from_arrow(result, kind, like=data, call_key=key)
 
     return wrapper  # type: ignore[return-value]

@@ -23,10 +23,15 @@ BUILTIN_MODULES = (
     "curate.stages_core",
     "curate.filters.text",
     "curate.filters.dedup",
+    "curate.filters.noise",
+    "curate.filters.ches",
+    "curate.filters.near_dup",
+    "curate.filters.donod",
     "curate.pairing",
     "curate.formatting",
     "curate.generators.responses",
     "curate.judges.self_reward",
+    "curate.judges.pairwise",
 )
 
 _STAGES: dict[str, type[Stage]] = {}

