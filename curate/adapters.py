@@ -21,6 +21,26 @@ from curate.keys import canonical_json, digest
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _plain_type(dtype: pa.DataType) -> pa.DataType:
+    """The same type with large / view strings and lists as plain ones (what the contract declares)."""
+    if pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype):
+        return pa.string()
+    if pa.types.is_large_list(dtype) or pa.types.is_list_view(dtype) or pa.types.is_list(dtype):
+        return pa.list_(_plain_type(dtype.value_type))
+    if pa.types.is_struct(dtype):
+        return pa.struct([pa.field(f.name, _plain_type(f.type), f.nullable) for f in dtype])
+    return dtype
+
+
+def plain_types(table: pa.Table) -> pa.Table:
+    """Cast polars' large/view strings and lists back to plain ones, so `MESSAGES` etc. match.
+
+    Example: plain_types(pl.DataFrame({"a": ["x"]}).to_arrow()).schema.field("a").type -> string
+    """
+    schema = pa.schema([pa.field(f.name, _plain_type(f.type), f.nullable) for f in table.schema])
+    return table if schema.equals(table.schema) else table.cast(schema)
+
+
 def to_arrow(data: Any) -> tuple[pa.Table, str]:
     """The Arrow table behind `data` and the name of its kind.
 
@@ -30,9 +50,9 @@ def to_arrow(data: Any) -> tuple[pa.Table, str]:
         return data, "arrow"
     module = type(data).__module__.split(".")[0]
     if module == "polars":
-        return data.to_arrow(), "polars"
+        return plain_types(data.to_arrow()), "polars"
     if module == "pandas":
-        return pa.Table.from_pandas(data, preserve_index=False), "pandas"
+        return plain_types(pa.Table.from_pandas(data, preserve_index=False)), "pandas"
     if module == "datasets":
         import datasets
 
