@@ -47,7 +47,8 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.adapters import accepts_frames
-from curate.backends.base import ScoreItem, encode_prompt, open_backend, release_backend
+from curate.backends.base import ScoreItem, encode_prompt, open_backend
+from curate.backends.params import LoadedModels
 from curate.contract import (
     TEXT_TYPES,
     Params,
@@ -389,36 +390,24 @@ class ChesScore(Stage):
 
     def __init__(self, params: ChesScoreParams | None = None, *, seed: int = 0, stage_id: str | None = None):
         super().__init__(params, seed=seed, stage_id=stage_id)
-        self._backend: Any = None
+        self.models = LoadedModels(self.params, seed)
 
     def key_material(self) -> dict[str, Any]:
-        material = super().key_material()
-        material["model_identity"] = model_identity(self.params.model)
-        return material
+        return super().key_material() | {"model_identity": model_identity(self.params.model)}
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require(schema, {"id": pa.string(), "prompt": TEXT_TYPES, "chosen": pa.string(), "rejected": pa.string()}, self.name)
         return with_fields(schema, SCORE_COLUMNS)
 
-    def backend(self) -> Any:
-        if self._backend is None:
-            options: dict[str, Any] = {"dtype": self.params.dtype}
-            if self.params.batch_tokens is not None:
-                options["batch_tokens"] = self.params.batch_tokens
-            self._backend = open_backend("transformers", self.params.model, **options)
-        return self._backend
-
     def open(self) -> None:
-        self.backend()
+        self.models.get(self.params.model)
 
     def close(self) -> None:
-        if self._backend is not None:
-            release_backend(self._backend)
-            self._backend = None
+        self.models.release()
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:
         p = self.params
-        scored, counters = score_with_backend(table, self.backend(), p.max_length, p.model, p.chunk_rows)
+        scored, counters = score_with_backend(table, self.models.get(p.model), p.max_length, p.model, p.chunk_rows)
         return StageOutput(scored, counters=counters)
 
 

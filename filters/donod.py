@@ -63,7 +63,8 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.adapters import accepts_frames
-from curate.backends.base import ScoreItem, encode_pair, open_backend, release_backend
+from curate.backends.base import ScoreItem, encode_pair, open_backend
+from curate.backends.params import LoadedModels
 from curate.contract import (
     TEXT_TYPES,
     Params,
@@ -732,34 +733,29 @@ class DonodScore(Stage):
 
     def __init__(self, params: DonodScoreParams | None = None, *, seed: int = 0, stage_id: str | None = None):
         super().__init__(params, seed=seed, stage_id=stage_id)
-        self._backend: Any = None
+        self.models = LoadedModels(self.params, seed)
         self._layer: OutputLayer | None = None
 
     def key_material(self) -> dict[str, Any]:
-        material = super().key_material()
-        material["model_identity"] = model_identity(self.params.model)
-        return material
+        return super().key_material() | {"model_identity": model_identity(self.params.model)}
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require(schema, {"id": pa.string(), "prompt": TEXT_TYPES, self.params.column: pa.string()}, self.name)
         return with_fields(schema, SCORE_COLUMNS)
 
     def backend(self) -> Any:
-        if self._backend is None:
-            options: dict[str, Any] = {"dtype": self.params.dtype}
-            if self.params.batch_tokens is not None:
-                options["batch_tokens"] = self.params.batch_tokens
-            self._backend = open_backend("transformers", self.params.model, **options)
-            self._layer = OutputLayer.of(self._backend.model)
-        return self._backend
+        """The loaded scoring backend; its output layer is read once (float64 copy, ||W||²)."""
+        backend = self.models.get(self.params.model)
+        if self._layer is None:
+            self._layer = OutputLayer.of(backend.model)
+        return backend
 
     def open(self) -> None:
         self.backend()
 
     def close(self) -> None:
-        if self._backend is not None:
-            release_backend(self._backend)
-            self._backend, self._layer = None, None
+        self.models.release()
+        self._layer = None
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:
         p = self.params

@@ -35,7 +35,7 @@ class ModelParams(Params):
 
 
 def backend_options(params: ModelParams, seed: int) -> dict[str, Any]:
-    """Keyword arguments of `open_backend` for these params.
+    """Keyword arguments of `open_backend` for these params (any Params with `backend` and `dtype`).
 
     Example: backend_options(ModelParams(), 0) -> {'dtype': 'auto', 'max_model_len': 4096, 'seed': 0}
     """
@@ -45,7 +45,11 @@ def backend_options(params: ModelParams, seed: int) -> dict[str, Any]:
             options["gpu_memory_utilization"] = params.gpu_memory_utilization
         return options
     if params.backend == "transformers":
-        return {"dtype": "float32" if params.dtype == "auto" else params.dtype}
+        options = {"dtype": "float32" if params.dtype == "auto" else params.dtype}
+        batch_tokens = getattr(params, "batch_tokens", None)  # scoring stages size forward batches by tokens
+        if batch_tokens is not None:
+            options["batch_tokens"] = batch_tokens
+        return options
     return {"base_url": params.base_url, "max_concurrency": params.max_concurrency, "timeout": params.timeout,
             "max_retries": params.max_retries}
 
