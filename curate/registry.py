@@ -32,6 +32,8 @@ BUILTIN_MODULES = (
     "curate.generators.responses",
     "curate.judges.self_reward",
     "curate.judges.pairwise",
+    "curate.judges.cdr",
+    "curate.judges.scir",
 )
 
 _STAGES: dict[str, type[Stage]] = {}

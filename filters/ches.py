@@ -49,6 +49,7 @@ from pydantic import Field
 from curate.adapters import accepts_frames
 from curate.backends.base import ScoreItem, encode_prompt, open_backend
 from curate.backends.params import LoadedModels
+from curate.backends.scoring import as_messages
 from curate.contract import (
     TEXT_TYPES,
     Params,
@@ -143,13 +144,6 @@ def ches_from_full(hidden_chosen: Any, hidden_rejected: Any, prompt_len: int, ch
 # Scoring a table through the backend ----------------------------------------------------------
 
 
-def _messages(prompt: Any) -> list[dict[str, str]]:
-    """A prompt cell as chat messages (a plain string becomes one user turn)."""
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return [{"role": m["role"], "content": m["content"]} for m in prompt]
-
-
 def _budget(max_length: int | None) -> int | None:
     """Token budget for prompt + response; -1 or None means no truncation (METHODS §5 (d))."""
     if max_length is None or max_length == -1:
@@ -230,7 +224,7 @@ def score_with_backend(table: pa.Table, backend: Any, max_length: int | None = 5
     returned hidden states. Example: table, counters = score_with_backend(t, open_backend("transformers", m))
     """
     budget = _budget(max_length)
-    prompts = [_messages(p) for p in table.column("prompt").to_pylist()]
+    prompts = [as_messages(p) for p in table.column("prompt").to_pylist()]
     pairs = list(zip(table.column("chosen").to_pylist(), table.column("rejected").to_pylist()))
     plans = [_row_plan(backend.tokenizer, m, texts, budget) for m, texts in zip(prompts, pairs)]
     reasons: list[str | None] = [plan[0] for plan in plans]

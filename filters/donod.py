@@ -65,6 +65,7 @@ from pydantic import Field
 from curate.adapters import accepts_frames
 from curate.backends.base import ScoreItem, encode_pair, open_backend
 from curate.backends.params import LoadedModels
+from curate.backends.scoring import as_messages
 from curate.contract import (
     TEXT_TYPES,
     Params,
@@ -573,13 +574,6 @@ class OutputLayer:
             return cls(weight, bias, float((weight * weight).sum()), tied)
 
 
-def _messages(prompt: Any) -> list[dict[str, str]]:
-    """A prompt cell as chat messages (a plain string becomes one user turn)."""
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return [{"role": m["role"], "content": m["content"]} for m in prompt]
-
-
 def _budget(max_length: int | None) -> int | None:
     if max_length is None or max_length == -1:
         return None
@@ -614,7 +608,7 @@ def score_with_backend(table: pa.Table, backend: Any, lr: float = 1e-4, column: 
         log.warning("%s ties its input and output embeddings: DONOD scores the output-layer use only "
                     "(tied=closed_form); tied=autograd steps the whole shared tensor (METHODS §7, unverified)", name)
     tokenizer = backend.tokenizer
-    prompts = [_messages(p) for p in table.column("prompt").to_pylist()]
+    prompts = [as_messages(p) for p in table.column("prompt").to_pylist()]
     responses = table.column(column).to_pylist()
     n = table.num_rows
     don: list[float | None] = [None] * n

@@ -41,8 +41,9 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from curate.adapters import accepts_frames
-from curate.backends.base import ScoreItem, encode_pair, open_backend
+from curate.backends.base import ScoreItem, open_backend
 from curate.backends.params import LoadedModels, ModelParams, identities
+from curate.backends.scoring import as_messages, response_tokens, sequence_logprobs
 from curate.contract import (
     TEXT_TYPES,
     Params,
@@ -392,47 +393,6 @@ def spa_filter(table: pa.Table, quantile: float = SPA_QUANTILE, action: Literal[
 # Implicit DPO margins (§6A (c), METHODS §0) ---------------------------------------------------------------
 
 
-def _messages(value: Any) -> list[dict[str, str]] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
-def _token_limit(backend: Any) -> int | None:
-    limit = getattr(backend, "max_model_len", None)
-    if limit is None:
-        config = getattr(getattr(backend, "model", None), "config", None)
-        limit = getattr(config, "max_position_embeddings", None)
-    return int(limit) if limit else None
-
-
-def _response_tokens(backend: Any, items: list[ScoreItem]) -> tuple[list[int | None], list[str | None]]:
-    """Response token counts (|R| with the end-of-turn token) and a too-long error per item."""
-    tokenizer = getattr(backend, "tokenizer", None)
-    if tokenizer is None:  # a backend that does not expose its tokenizer: no counts, no pre-check
-        return [None] * len(items), [None] * len(items)
-    limit = _token_limit(backend)
-    counts: list[int | None] = []
-    errors: list[str | None] = []
-    for item in items:
-        ids, start = encode_pair(tokenizer, item.messages, item.response)
-        counts.append(len(ids) - start)
-        too_long = limit is not None and len(ids) > limit
-        errors.append(f"{getattr(backend, 'name', 'model')}: prompt + response is {len(ids)} tokens, limit {limit}"
-                      if too_long else None)
-    return counts, errors
-
-
-def _sequence_logprobs(backend: Any, items: list[ScoreItem], batch_size: int | None) -> list[np.ndarray]:
-    step = batch_size or max(1, len(items))
-    out: list[np.ndarray] = []
-    for start in range(0, len(items), step):
-        out.extend(backend.logprobs(items[start:start + step]))
-    return out
-
-
 def score_pairs(table: pa.Table, policy: Any, reference: Any | None = None, beta: float = DPO_BETA,
                 normalize: Literal["sum", "mean"] = "sum", error_column: str = "spa_error",
                 batch_size: int | None = None, policy_name: str | None = None,
@@ -443,7 +403,7 @@ def score_pairs(table: pa.Table, policy: Any, reference: Any | None = None, beta
     A row with a null prompt / chosen / rejected, or too long for a model, gets null scores and
     its reason in `error_column`. Example: score_pairs(t, open_backend("transformers", p))[0]
     """
-    prompts = [_messages(v) for v in table.column("prompt").to_pylist()]
+    prompts = [as_messages(v) for v in table.column("prompt").to_pylist()]
     chosen = table.column("chosen").to_pylist()
     rejected = table.column("rejected").to_pylist()
     n = table.num_rows
@@ -459,7 +419,7 @@ def score_pairs(table: pa.Table, policy: Any, reference: Any | None = None, beta
     models = [("policy", policy)] + ([("ref", reference)] if reference is not None else [])
     tokens: list[int | None] = [None] * len(items)
     for label, backend in models:  # pre-check lengths with each model's own tokenizer
-        counts, too_long = _response_tokens(backend, items)
+        counts, too_long = response_tokens(backend, items)
         if label == "policy":
             tokens = counts
         for k, message in enumerate(too_long):
@@ -471,7 +431,7 @@ def score_pairs(table: pa.Table, policy: Any, reference: Any | None = None, beta
     n_tok = {"chosen": np.full(n, -1, np.int64), "rejected": np.full(n, -1, np.int64)}
     scored_tokens = 0
     for label, backend in models:
-        values = _sequence_logprobs(backend, [items[k] for k in keep], batch_size)
+        values = sequence_logprobs(backend, [items[k] for k in keep], batch_size)
         for k, per_token in zip(keep, values):
             side = "chosen" if k % 2 == 0 else "rejected"
             row = rows[k // 2]

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from curate.backends.base import ChatRequest, Completion, GenerationParams
 from curate.backends.params import LoadedModels, ModelParams, identities, run_batched
-from curate.contract import MESSAGES, RESPONSES, Params, Stage, StageOutput, put_columns, require, with_fields
+from curate.contract import MESSAGES, RESPONSES, Stage, StageOutput, put_columns, require, with_fields
 from curate.keys import row_seed
 from curate.registry import register
 

@@ -72,10 +72,16 @@ class Completion:
 
 @dataclass(frozen=True)
 class ScoreItem:
-    """A (prompt messages, response text) pair to score. Example: ScoreItem([{...}], "Paris.")"""
+    """A (prompt, response text) pair to score: prompt messages, or an already rendered prompt text.
+
+    `prompt_text`, when given, replaces the messages: each model tokenises that one text with its
+    own tokenizer (CDR scores one formatted text with two models, METHODS.md §2 step 3).
+    Example: ScoreItem([{"role": "user", "content": "Capital of France?"}], "Paris.")
+    """
 
     messages: list[dict[str, str]]
     response: str
+    prompt_text: str | None = None
 
 
 class ChatBackend(Protocol):
@@ -91,6 +97,24 @@ class ChatBackend(Protocol):
 # Token layout (METHODS.md §0) -----------------------------------------------------------------
 
 
+def plain_prompt_text(messages: list[dict[str, str]]) -> str:
+    """The prompt of a model without a chat template: `role: content` blocks, then `assistant:`.
+
+    Example: plain_prompt_text([{"role": "user", "content": "hi"}]) -> 'user: hi\n\nassistant:'
+    """
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The prompt as text: the chat template with the generation prompt (plain text if none).
+
+    Example: render_prompt(smollm2_tok, [{"role": "user", "content": "hi"}]) -> '<|im_start|>system...'
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return plain_prompt_text(messages)
+
+
 def encode_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Prompt token ids: the chat template with the generation prompt (plain text if no template).
 
@@ -101,8 +125,20 @@ def encode_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
         if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return [int(i) for i in ids]
-    text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
-    return [int(i) for i in tokenizer(text, add_special_tokens=True)["input_ids"]]
+    return encode_prompt_text(tokenizer, plain_prompt_text(messages))
+
+
+def encode_prompt_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a rendered prompt text with the tokenizer's own leading special tokens (BOS),
+    never doubled when the text already starts with them.
+
+    Example: encode_prompt_text(gemma_tok, "<|im_start|>user\nhi<|im_end|>\n") -> [2, ...]
+    """
+    ids = [int(i) for i in tokenizer(text, add_special_tokens=True)["input_ids"]]
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+        ids = ids[1:]
+    return ids
 
 
 def end_of_turn_id(tokenizer: Any) -> int:
@@ -120,7 +156,20 @@ def encode_pair(tokenizer: Any, messages: list[dict[str, str]], response: str) -
 
     Example: ids, start = encode_pair(tok, msgs, "Paris."); ids[start:] -> response ids + [eos]
     """
-    prompt = encode_prompt(tokenizer, messages)
+    return _with_response(tokenizer, encode_prompt(tokenizer, messages), response)
+
+
+def encode_item(tokenizer: Any, item: ScoreItem) -> tuple[list[int], int]:
+    """`encode_pair` of a ScoreItem, from its rendered `prompt_text` when it has one.
+
+    Example: ids, start = encode_item(tok, ScoreItem([], "Paris.", prompt_text="Q: capital?\nA:"))
+    """
+    if item.prompt_text is None:
+        return encode_pair(tokenizer, item.messages, item.response)
+    return _with_response(tokenizer, encode_prompt_text(tokenizer, item.prompt_text), item.response)
+
+
+def _with_response(tokenizer: Any, prompt: list[int], response: str) -> tuple[list[int], int]:
     reply = [int(i) for i in tokenizer(response, add_special_tokens=False)["input_ids"]]
     return prompt + reply + [end_of_turn_id(tokenizer)], len(prompt)
 

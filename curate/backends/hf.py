@@ -17,7 +17,7 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 
-from curate.backends.base import ChatRequest, Completion, ScoreItem, encode_pair, encode_prompt
+from curate.backends.base import ChatRequest, Completion, ScoreItem, encode_item, encode_prompt
 from curate.keys import digest
 from curate.models import resolve_model
 
@@ -81,7 +81,7 @@ class HFBackend:
 
     def _scored_batches(self, items: list[ScoreItem]) -> Iterator[tuple[list[int], list[tuple[list[int], int]], Any, list[int]]]:
         """Encode items (METHODS §0) and yield (indices, encodings, padded tensors, offsets) per batch."""
-        encoded = [encode_pair(self.tokenizer, item.messages, item.response) for item in items]
+        encoded = [encode_item(self.tokenizer, item) for item in items]
         for batch in length_batches([len(ids) for ids, _ in encoded], self.batch_tokens, self.max_rows):
             rows = [encoded[i] for i in batch]
             tensors = self._padded([ids for ids, _ in rows], self.padding_side)

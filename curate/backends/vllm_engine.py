@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from curate.backends.base import ChatRequest, Completion, GenerationParams, ScoreItem, encode_pair, encode_prompt
+from curate.backends.base import ChatRequest, Completion, GenerationParams, ScoreItem, encode_item, encode_prompt
 from curate.models import resolve_model
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class VLLMBackend:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        encoded = [encode_pair(self.tokenizer, item.messages, item.response) for item in items]
+        encoded = [encode_item(self.tokenizer, item) for item in items]
         # prompt_logprob_start/_token_ids would score only the span, but need vLLM's V2 model
         # runner, which the CPU wheel lacks; prompt_logprobs=0 works on both.
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
