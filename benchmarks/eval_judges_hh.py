@@ -95,17 +95,20 @@ def eval_pairwise(pairs: pa.Table) -> dict:
                    parse_failures=c["parse_failures"], judgments=c["judgments"])
 
 
-def eval_cdr(pairs: pa.Table, strong: str, weak: str) -> dict:
+def eval_cdr(pairs: pa.Table, strong: str, weak: str, customize: str = "none", normalize: str = "sum",
+             router: str | None = None) -> dict:
     from curate.judges.cdr import CDRJudge, CDRParams
 
-    judge = CDRJudge(CDRParams(strong=strong, weak=weak, dtype="float32"))
+    judge = CDRJudge(CDRParams(strong=strong, weak=weak, dtype="float32", customize=customize, normalize=normalize,
+                               router=router))
     start = time.perf_counter()
     out = judge.apply(pairs)
     seconds = time.perf_counter() - start
     judge.close()
     c = out.counters
     return summary(c["agree_with_label"], c["disagree_with_label"], pairs.num_rows, seconds,
-                   strong=strong, weak=weak, row_errors=c["row_errors"])
+                   strong=strong, weak=weak, customize=customize, normalize=normalize, router=router,
+                   row_errors=c["row_errors"], domains={k[7:]: v for k, v in c.items() if k.startswith("domain_")})
 
 
 def main() -> None:
@@ -115,6 +118,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strong", default=MODEL)
     parser.add_argument("--weak", default="gemma3-270m")
+    parser.add_argument("--cdr-customize", default="none", choices=["none", "criteria", "exemplars", "both"])
+    parser.add_argument("--cdr-normalize", default="sum", choices=["sum", "mean"])
+    parser.add_argument("--cdr-router", default=None, help="router model for CDR (default: none, every row CHAT)")
     parser.add_argument("--out", default=None, help="JSON file for the figures")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -126,7 +132,7 @@ def main() -> None:
         elif name == "pairwise":
             results[name] = eval_pairwise(pairs)
         elif name == "cdr":
-            results[name] = eval_cdr(pairs, args.strong, args.weak)
+            results[name] = eval_cdr(pairs, args.strong, args.weak, args.cdr_customize, args.cdr_normalize, args.cdr_router)
         else:
             raise SystemExit(f"unknown judge '{name}' (self_reward, pairwise, cdr)")
         r = results[name]

@@ -236,6 +236,7 @@ def _validation_error(exc: ValidationError, model: type[BaseModel], lines, filen
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `dotted.key=value` overrides (value parsed as YAML) to the raw pipeline data.
 
+    A list item is named by its index or, for stages, by its `id` (`stages.judge.params.samples=2`).
     Example: apply_overrides({"source": {"path": "a"}}, ["source.path=b"]) -> {'source': {'path': 'b'}}
     """
     for item in overrides:
@@ -250,6 +251,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         parts = dotted.split(".")
         for part in parts[:-1]:
             key: Any = int(part) if isinstance(target, list) and part.isdigit() else part
+            if isinstance(target, list) and isinstance(key, str):
+                key = _item_by_id(target, key, dotted)
             if isinstance(target, dict):
                 target = target.setdefault(key, {})
             elif isinstance(target, list) and isinstance(key, int) and key < len(target):
@@ -262,6 +265,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"cannot set '{dotted}': '{parent}' is neither a mapping nor a list that long", where="--set")
         target[last] = value
     return data
+
+
+def _item_by_id(items: list, name: str, dotted: str) -> int:
+    """Index of the list item whose `id` is `name` (a stage id in `--set stages.<id>....`)."""
+    for index, item in enumerate(items):
+        if isinstance(item, dict) and item.get("id") == name:
+            return index
+    ids = [item.get("id") for item in items if isinstance(item, dict) and item.get("id")]
+    raise ConfigError(f"cannot set '{dotted}': no item with id '{name}' (ids: {', '.join(ids) or 'none'})", where="--set")
 
 
 # Stages --------------------------------------------------------------------------------------

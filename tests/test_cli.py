@@ -52,3 +52,14 @@ def test_run_then_plan_keys_match(scored):
     stored = json.loads((scored.parent / "out" / "plan.json").read_text())
     planned = json.loads(runner.invoke(main, ["plan", str(scored), "--json"]).stdout)
     assert [s["key"] for s in stored["stages"]] == [s["key"] for s in planned["stages"]]
+
+
+def test_set_names_a_stage_by_its_id_or_index():
+    from curate.config import apply_overrides
+    from curate.errors import ConfigError
+
+    data = {"stages": [{"stage": "generators.responses", "id": "pool", "params": {}}, {"stage": "format.trl"}]}
+    out = apply_overrides(data, ["stages.pool.params.n=3", "stages.1.params.x=y"])
+    assert out["stages"][0]["params"] == {"n": 3} and out["stages"][1]["params"] == {"x": "y"}
+    with pytest.raises(ConfigError, match="no item with id 'judge' \\(ids: pool\\)"):
+        apply_overrides(data, ["stages.judge.params.samples=2"])
