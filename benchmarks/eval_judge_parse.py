@@ -19,10 +19,10 @@ from curate.contract import MESSAGES
 from curate.generators.responses import Responses, ResponsesParams
 from curate.judges.pairwise import PairwiseJudge, PairwiseParams
 from curate.judges.self_reward import SelfRewardJudge, SelfRewardParams
-from curate.sources import SourceSpec, ingest
+
+from hh_data import hh_pairs  # benchmarks/ is on sys.path when run as a script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HH = os.path.join(HERE, "..", "..", "shared", "data", "hh-rlhf-harmless-test", "test.jsonl.gz")
 MODEL = "smollm2-135m-instruct"
 
 
@@ -47,7 +47,7 @@ def main() -> None:
                                                  generation={"max_tokens": 300, "temperature": 0.7, "top_p": 0.9}))
         out = judge.apply(candidates)
         print(f"self_reward constrained={constrained}: parse failures {rate(out.counters)}")
-    pairs = ingest(SourceSpec(path=HH, parse="hh", sample={"n": args.pairs, "seed": 0}), ".").table
+    pairs = hh_pairs(args.pairs, seed=0)
     for constrained in (True, False):
         judge = PairwiseJudge(PairwiseParams(model=MODEL, dtype="bfloat16", constrained=constrained, max_model_len=4096,
                                              generation={"max_tokens": 300, "temperature": 1.0}))

@@ -20,15 +20,13 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
 
 import pyarrow as pa
 
-from curate.sources import SourceSpec, ingest
+from hh_data import hh_pairs  # benchmarks/ is on sys.path when run as a script
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-HH = os.path.join(HERE, "..", "..", "shared", "data", "hh-rlhf-harmless-test", "test.jsonl.gz")
+
 MODEL = "smollm2-135m-instruct"
 
 
@@ -96,18 +94,18 @@ def eval_pairwise(pairs: pa.Table) -> dict:
 
 
 def eval_cdr(pairs: pa.Table, strong: str, weak: str, customize: str = "none", normalize: str = "sum",
-             router: str | None = None) -> dict:
+             router: str | None = None, backend: str = "vllm") -> dict:
     from curate.judges.cdr import CDRJudge, CDRParams
 
     judge = CDRJudge(CDRParams(strong=strong, weak=weak, dtype="float32", customize=customize, normalize=normalize,
-                               router=router))
+                               router=router, backend=backend))
     start = time.perf_counter()
     out = judge.apply(pairs)
     seconds = time.perf_counter() - start
     judge.close()
     c = out.counters
     return summary(c["agree_with_label"], c["disagree_with_label"], pairs.num_rows, seconds,
-                   strong=strong, weak=weak, customize=customize, normalize=normalize, router=router,
+                   strong=strong, weak=weak, customize=customize, normalize=normalize, router=router, backend=backend,
                    row_errors=c["row_errors"], domains={k[7:]: v for k, v in c.items() if k.startswith("domain_")})
 
 
@@ -121,10 +119,11 @@ def main() -> None:
     parser.add_argument("--cdr-customize", default="none", choices=["none", "criteria", "exemplars", "both"])
     parser.add_argument("--cdr-normalize", default="sum", choices=["sum", "mean"])
     parser.add_argument("--cdr-router", default=None, help="router model for CDR (default: none, every row CHAT)")
+    parser.add_argument("--cdr-backend", default="vllm", choices=["vllm", "transformers"])
     parser.add_argument("--out", default=None, help="JSON file for the figures")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    pairs = ingest(SourceSpec(path=HH, parse="hh", sample={"n": args.pairs, "seed": args.seed}), ".").table
+    pairs = hh_pairs(args.pairs, seed=args.seed)
     results = {}
     for name in args.judges.split(","):
         if name == "self_reward":
@@ -132,7 +131,8 @@ def main() -> None:
         elif name == "pairwise":
             results[name] = eval_pairwise(pairs)
         elif name == "cdr":
-            results[name] = eval_cdr(pairs, args.strong, args.weak, args.cdr_customize, args.cdr_normalize, args.cdr_router)
+            results[name] = eval_cdr(pairs, args.strong, args.weak, args.cdr_customize, args.cdr_normalize, args.cdr_router,
+                                     args.cdr_backend)
         else:
             raise SystemExit(f"unknown judge '{name}' (self_reward, pairwise, cdr)")
         r = results[name]

@@ -99,9 +99,14 @@ class HFBackend:
         out: list[np.ndarray | None] = [None] * len(items)
         with torch.inference_mode():
             for batch, rows, (ids, mask, positions), offsets in self._scored_batches(items):
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+                # Logits only from the first position that predicts a response token on: a long
+                # prompt times a large vocabulary (Gemma: 262k) would dominate the cost otherwise.
+                first = min(offset + start - 1 for (_, start), offset in zip(rows, offsets))
+                width = ids.shape[1]
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                    logits_to_keep=width - first).logits
                 for b, (i, (row, start), offset) in enumerate(zip(batch, rows, offsets)):
-                    span = slice(offset + start - 1, offset + len(row) - 1)
+                    span = slice(offset + start - 1 - first, offset + len(row) - 1 - first)
                     logp = torch.log_softmax(logits[b, span].double(), dim=-1)
                     targets = torch.tensor(row[start:], device=logp.device)
                     out[i] = logp.gather(1, targets[:, None])[:, 0].cpu().numpy()
