@@ -27,8 +27,10 @@ identical texts dropped with a reason). Pair rows (`chosen`/`rejected`, e.g. HH)
 `cdr_reward_chosen`, `cdr_reward_rejected`, `cdr_margin` (chosen − rejected) and `cdr_agrees`
 (margin > 0; null on a tie), and stats.json counts `agree_with_label` / `disagree_with_label`;
 `action: relabel` swaps the pairs CDR reverses and drops ties and unscored rows with a reason.
-Also `cdr_domain`, `cdr_router_text` (raw router output), `cdr_strong_model`, `cdr_weak_model`,
-and the error column (a response too long for a model, or a failed score).
+Also `cdr_logprobs` (per response, in the input order, `[strong, weak]` log-probs summed or
+averaged as the reward: the raw output behind every reward), `cdr_domain`, `cdr_router_text`
+(raw router output), `cdr_strong_model`, `cdr_weak_model`, and the error column (a response
+too long for a model, or a failed score).
 Caveat (§2 (g)): strong and weak should share a tokenizer and chat template; with two tokenizers
 the weak model reads the strong model's chat markup as plain text.
 
@@ -59,6 +61,16 @@ from curate.registry import register
 DOMAINS = ("SAFETY", "REASONING", "CHAT")
 ROUTER_ANSWER = re.compile(r"\[START\]\s*(SAFETY|REASONING|CHAT)\s*\[END\]", re.IGNORECASE)
 ROUTER_REGEX = r"\[START\](SAFETY|REASONING|CHAT)\[END\]"
+LOGPROB_PAIRS = pa.list_(pa.list_(pa.float64()))  # per response: [strong log-prob, weak log-prob]
+
+
+def sequence_score(logprobs: np.ndarray | list[float], normalize: Literal["sum", "mean"] = "sum") -> float:
+    """A response's log-prob under one model: the sum over its tokens, or their mean (LPn, §0).
+
+    Example: sequence_score([-1, -2]) -> -3.0; sequence_score([-1, -2], "mean") -> -1.5
+    """
+    values = np.asarray(logprobs, dtype=np.float64)
+    return float(values.mean() if normalize == "mean" else values.sum())
 
 
 def density_ratio(strong: np.ndarray | list[float], weak: np.ndarray | list[float],
@@ -67,11 +79,7 @@ def density_ratio(strong: np.ndarray | list[float], weak: np.ndarray | list[floa
 
     Example: density_ratio([-1, -2], [-1.5, -3]) -> 1.5; with normalize="mean" -> 0.75
     """
-    strong = np.asarray(strong, dtype=np.float64)
-    weak = np.asarray(weak, dtype=np.float64)
-    if normalize == "mean":
-        return float(strong.mean() - weak.mean())
-    return float(strong.sum() - weak.sum())
+    return sequence_score(strong, normalize) - sequence_score(weak, normalize)
 
 
 def parse_domain(text: str | None) -> str | None:
@@ -198,7 +206,8 @@ class CDRJudge(Stage):
         require(schema, {"id": pa.string()}, self.name)
         if "prompt" not in schema.names:
             raise SchemaError("needs column 'prompt'", where=f"stage '{self.name}'")
-        fields: dict[str, pa.DataType] = {"cdr_domain": pa.string(), "cdr_router_text": pa.string()}
+        fields: dict[str, pa.DataType] = {"cdr_domain": pa.string(), "cdr_router_text": pa.string(),
+                                          "cdr_logprobs": LOGPROB_PAIRS}
         if self.mode(schema) == "candidates":
             require(schema, {p.responses: RESPONSES}, self.name)
             fields["cdr_rewards"] = pa.list_(pa.float64())
@@ -252,8 +261,9 @@ class CDRJudge(Stage):
         return render_prompt(tokenizer, customize(messages, criteria, block))
 
     # Step 3 -------------------------------------------------------------------------------
-    def rewards(self, items: list[ScoreItem]) -> tuple[list[float | None], list[str | None], int]:
-        """CDR reward per item (None with the reason where a model could not score it), tokens scored."""
+    def rewards(self, items: list[ScoreItem]) -> tuple[list[float | None], list[list[float] | None], list[str | None], int]:
+        """Per item: CDR reward and [strong, weak] log-prob (None with the reason where a model could
+        not score it); and the strong model's tokens scored."""
         p = self.params
         errors: list[str | None] = [None] * len(items)
         for model in (p.strong, p.weak):
@@ -262,9 +272,11 @@ class CDRJudge(Stage):
         keep = [k for k, e in enumerate(errors) if e is None]
         per_model = [sequence_logprobs(self.models.get(m), [items[k] for k in keep], p.batch_size) for m in (p.strong, p.weak)]
         rewards: list[float | None] = [None] * len(items)
+        parts: list[list[float] | None] = [None] * len(items)
         for k, strong, weak in zip(keep, *per_model):
-            rewards[k] = density_ratio(strong, weak, p.normalize)
-        return rewards, errors, sum(len(s) for s in per_model[0])
+            parts[k] = [sequence_score(strong, p.normalize), sequence_score(weak, p.normalize)]
+            rewards[k] = parts[k][0] - parts[k][1]
+        return rewards, parts, errors, sum(len(s) for s in per_model[0])
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:
         p = self.params
@@ -286,11 +298,13 @@ class CDRJudge(Stage):
                 if text is not None:
                     items.append(ScoreItem(messages, text, prompt_text=prompt_text))
                     owners.append((row, j))
-        values, item_errors, tokens = self.rewards(items)
+        values, item_parts, item_errors, tokens = self.rewards(items)
         rewards: list[list[float | None]] = [[None] * len(t) for t in texts]
+        parts: list[list[list[float] | None]] = [[None] * len(t) for t in texts]
         errors: list[list[str]] = [[] for _ in texts]
-        for (row, j), value, error in zip(owners, values, item_errors):
+        for (row, j), value, part, error in zip(owners, values, item_parts, item_errors):
             rewards[row][j] = value
+            parts[row][j] = part
             if error:
                 errors[row].append(f"response {j}: {error}")
         for row, messages in enumerate(prompts):
@@ -303,6 +317,7 @@ class CDRJudge(Stage):
         columns: dict[str, pa.Array] = {
             "cdr_domain": pa.array(domains, pa.string()),
             "cdr_router_text": pa.array(router_texts, pa.string()),
+            "cdr_logprobs": pa.array(parts, LOGPROB_PAIRS),
             "cdr_strong_model": pa.array([p.strong] * table.num_rows, pa.string()),
             "cdr_weak_model": pa.array([p.weak] * table.num_rows, pa.string()),
             self.error_column: pa.array(["; ".join(e) if e else None for e in errors], pa.string()),

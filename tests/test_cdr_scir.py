@@ -146,6 +146,7 @@ def test_cdr_pair_rows_margin_agreement_and_relabel():
     assert [r["id"] for r in rows] == ["p0", "p1"]
     assert rows[0]["cdr_reward_chosen"] == pytest.approx(1.5) and rows[0]["cdr_reward_rejected"] == pytest.approx(-2.0)
     assert rows[0]["cdr_agrees"] is True and rows[0]["chosen"] == "good"
+    assert rows[0]["cdr_logprobs"] == [[-3.0, -4.5], [-4.0, -2.0]]  # [strong, weak] per reply, input order
     assert rows[1]["chosen"] == "y" and rows[1]["cdr_agrees"] is False  # CDR reverses the pair: swapped
     assert rows[1]["cdr_reward_chosen"] == pytest.approx(0.0) and rows[1]["cdr_margin"] == pytest.approx(2.0)
     assert out.rejected.column("reason").to_pylist() == ["cdr_tie"]
@@ -226,6 +227,8 @@ stages:
     for row in rows:
         assert row["cdr_domain"] in {"SAFETY", "REASONING", "CHAT"} and row["cdr_router_text"].startswith("[START]")
         assert row["cdr_margin"] == pytest.approx(row["cdr_reward_chosen"] - row["cdr_reward_rejected"])
+        (strong_c, weak_c), _ = row["cdr_logprobs"]
+        assert strong_c < 0 and weak_c < 0 and row["cdr_reward_chosen"] == pytest.approx(strong_c - weak_c)
         assert row["cdr_agrees"] == (row["cdr_margin"] > 0)
         assert row["cdr_strong_model"] == "smollm2-135m-instruct" and row["cdr_weak_model"] == "gemma3-270m"
 
