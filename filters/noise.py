@@ -71,7 +71,7 @@ DROP_BELOW = 0.5  # §6B (c): w < 0.5 -> the label is more likely flipped than n
 FLIP_BELOW = 0.1  # §6B (c): flip only when w < 0.1
 EPS_HAT_KEY = b"curate.eps_hat"  # Arrow schema metadata of pref_conf / noise_filter results
 TAU_KEY = b"curate.spa_tau"  # Arrow schema metadata of spa_filter results
-SIGNED_COLUMNS = ("margin", "spa_margin")  # negated when a pair is flipped (chosen − rejected differences)
+SIGNED_COLUMNS = ("margin", "spa_margin", "cdr_margin")  # negated when a pair is flipped (chosen − rejected differences)
 
 LP_COLUMNS = ("spa_lp_policy_chosen", "spa_lp_policy_rejected", "spa_lp_ref_chosen", "spa_lp_ref_rejected")
 NUMERIC = (pa.float64(), pa.float32(), pa.int64(), pa.int32())

@@ -54,6 +54,7 @@ from curate.backends.params import LoadedModels, ModelParams, identities, run_ba
 from curate.backends.scoring import as_messages, response_tokens, sequence_logprobs
 from curate.contract import RESPONSES, Stage, StageOutput, put_columns, require, with_fields, with_reason
 from curate.errors import ConfigError, SchemaError
+from curate.filters.noise import swap_pairs
 from curate.judges.templates import BUILTIN_DIR, conversation_text, load_template
 from curate.keys import canonical_json, digest, row_seed
 from curate.registry import register
@@ -341,12 +342,7 @@ class CDRJudge(Stage):
         if self.params.action == "mark":
             return StageOutput(out, counters=dict(counters))
         flip = pc.fill_null(pc.invert(out.column("cdr_agrees")), False)
-        swapped = {"chosen": pc.if_else(flip, out.column("rejected"), out.column("chosen")),
-                   "rejected": pc.if_else(flip, out.column("chosen"), out.column("rejected")),
-                   "cdr_reward_chosen": pc.if_else(flip, out.column("cdr_reward_rejected"), out.column("cdr_reward_chosen")),
-                   "cdr_reward_rejected": pc.if_else(flip, out.column("cdr_reward_chosen"), out.column("cdr_reward_rejected")),
-                   "cdr_margin": pc.abs(out.column("cdr_margin"))}
-        out = put_columns(out, swapped)
+        out = swap_pairs(out, flip)  # chosen/rejected and every *_chosen/*_rejected column; cdr_margin negated
         drop = pc.is_null(out.column("cdr_agrees"))
         reasons = pc.if_else(pc.is_null(out.column("cdr_margin")), pa.scalar("cdr_unscored"), pa.scalar("cdr_tie"))
         counters["relabelled"] = int(pc.sum(flip).as_py() or 0)

@@ -33,7 +33,7 @@ from curate.backends.base import ScoreItem
 from curate.backends.params import LoadedModels, ModelParams, identities
 from curate.backends.scoring import as_messages, response_tokens, sequence_logprobs
 from curate.contract import MESSAGES, Stage, StageOutput, put_columns, require, with_fields, with_reason
-from curate.filters.noise import DPO_BETA, score_pairs
+from curate.filters.noise import DPO_BETA, score_pairs, swap_pairs
 from curate.judges.templates import conversation_text, load_template
 from curate.registry import register
 
@@ -182,9 +182,7 @@ class SCIRFilter(Stage):
         """Swap rows where both signals prefer b; drop inconsistent and unscored rows with a reason."""
         keep = pc.fill_null(table.column("scir_consistent"), False)
         flip = pc.and_(keep, pc.less(table.column("scir_p_gen"), 0.5))
-        swapped = {"chosen": pc.if_else(flip, table.column("rejected"), table.column("chosen")),
-                   "rejected": pc.if_else(flip, table.column("chosen"), table.column("rejected"))}
-        table = put_columns(table, swapped)
+        table = swap_pairs(table, flip)
         drop = pc.invert(keep)
         reasons = pc.if_else(pc.is_null(table.column("scir_consistent")), pa.scalar("scir_unscored"),
                              pa.scalar("scir_inconsistent"))
