@@ -7,7 +7,10 @@ few cores, and no shutdown race), and `enforce_eager=True` (compilation costs ~9
 It also turns chunked prefill off on CPU: vLLM 0.32 rewinds a seeded request's generator when a
 prefill chunk's sampled token is discarded, and the CPU generator cannot rewind ("CPU Generator
 does not use offset"), so seeded batches of long prompts crashed (found here; judge prompts of
-~450 tokens x 72 sequences).
+~450 tokens x 72 sequences). And on CPU one engine step takes at most `max_model_len` tokens
+(vLLM's CPU default is 4096): prompt log-probs hold a tokens x vocabulary array, 4 GB for 4096
+tokens of Gemma 3's 262k vocabulary, twice over (logits and log-probs); a test run was killed
+for memory before this.
 Prompts are rendered to token ids by `curate.backends.base.encode_prompt`, so vLLM and
 transformers see identical ids. Leaves out: hidden states (transformers serves those).
 
@@ -73,6 +76,8 @@ class VLLMBackend:
             options["enable_chunked_prefill"] = False  # see the module docstring
         if max_model_len is not None:
             options["max_model_len"] = max_model_len
+            if not cuda:  # see the module docstring: bounds the prompt log-prob tensors
+                options["max_num_batched_tokens"] = max_model_len
         if gpu_memory_utilization is not None and cuda:
             options["gpu_memory_utilization"] = gpu_memory_utilization
         self.llm = LLM(**options)
