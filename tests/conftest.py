@@ -28,3 +28,13 @@ def hh_file() -> Path:
     if not HH_FILE.exists():
         pytest.skip(f"HH data not found at {HH_FILE}")
     return HH_FILE
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_models_after_each_module():
+    """Close the engines a test module loaded (open_backend caches them per process) and return
+    their memory, so that modules do not stack models: the suite must fit CI's 24 GiB."""
+    yield
+    from curate.backends.base import close_backends
+
+    close_backends()
