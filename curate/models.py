@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from typing import Callable
 
 from curate.errors import ConfigError
 from curate.keys import digest, file_digest
@@ -71,17 +72,27 @@ def _builtin_gguf(name: str) -> str:
 def _assembled_gguf(module: str, filename: str) -> str:
     """The GGUF a multi-part package assembles, written once into the cache folder (under a lock)."""
     path = os.path.join(cache_dir(), "gguf", filename)
-    if os.path.exists(path):
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(f"{path}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(path):
-            log.info("assembling %s from the parts of %s (once)", filename, module)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            importlib.import_module(module).assemble(output_path=tmp, overwrite=True)  # sha256-checked
-            os.replace(tmp, path)
-    return path
+
+    def assemble() -> None:
+        log.info("assembling %s from the parts of %s (once)", filename, module)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        importlib.import_module(module).assemble(output_path=tmp, overwrite=True)  # sha256-checked
+        os.replace(tmp, path)
+
+    return _build_once(path, path, assemble)
+
+
+def _build_once(target: str, done: str, build: Callable[[], None]) -> str:
+    """`target`, after `build()` has run unless the file `done` exists: once across processes
+    (a file lock beside `target`; the check is repeated under the lock). Example: _build_once(p, p, make)
+    """
+    if not os.path.exists(done):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(f"{target}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.exists(done):
+                build()
+    return target
 
 
 def convert_gguf(gguf_path: str, out_dir: str) -> None:
@@ -123,15 +134,12 @@ def _converted(gguf_path: str, name: str) -> str:
     """The cached HF checkpoint of a GGUF file, converting it once (under a file lock)."""
     key = file_digest(gguf_path)
     out_dir = os.path.join(cache_dir(), "models", f"{name}-{key[:12]}-c{CONVERSION}")
-    if os.path.exists(os.path.join(out_dir, "config.json")):
-        return out_dir
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    with open(f"{out_dir}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(os.path.join(out_dir, "config.json")):
-            log.info("converting %s to an HF checkpoint in %s (once)", gguf_path, out_dir)
-            convert_gguf(gguf_path, out_dir)
-    return out_dir
+
+    def convert() -> None:
+        log.info("converting %s to an HF checkpoint in %s (once)", gguf_path, out_dir)
+        convert_gguf(gguf_path, out_dir)
+
+    return _build_once(out_dir, os.path.join(out_dir, "config.json"), convert)
 
 
 def _folder_identity(path: str) -> str:

@@ -187,13 +187,17 @@ class CDRJudge(Stage):
         self.router_template = load_template(p.router_template, required=("prompt",)) if p.router else None
         self.models = LoadedModels(p, seed)
 
+    def model_refs(self) -> list[str]:
+        """The models this stage loads: strong, weak and the router if any. Example: stage.model_refs()"""
+        p = self.params
+        return [p.strong, p.weak] + ([p.router] if p.router else [])
+
     def key_material(self) -> dict[str, Any]:
         p = self.params
-        models = [p.strong, p.weak] + ([p.router] if p.router else [])
         return super().key_material() | {
             "customization_hash": digest(canonical_json(self.texts)) if p.customize != "none" else None,
             "router_template_hash": self.router_template.hash if self.router_template else None,
-            "model_identity": identities(p, models),
+            "model_identity": identities(p, self.model_refs()),
         }
 
     def mode(self, schema: pa.Schema) -> str:
@@ -220,8 +224,7 @@ class CDRJudge(Stage):
         return with_fields(schema, fields)
 
     def open(self) -> None:
-        p = self.params
-        for model in [p.strong, p.weak] + ([p.router] if p.router else []):
+        for model in self.model_refs():
             self.models.get(model)
 
     def close(self) -> None:
@@ -262,9 +265,9 @@ class CDRJudge(Stage):
         return render_prompt(tokenizer, customize(messages, criteria, block))
 
     # Step 3 -------------------------------------------------------------------------------
-    def rewards(self, items: list[ScoreItem]) -> tuple[list[float | None], list[list[float] | None], list[str | None], int]:
-        """Per item: CDR reward and [strong, weak] log-prob (None with the reason where a model could
-        not score it); and the strong model's tokens scored."""
+    def logprobs(self, items: list[ScoreItem]) -> tuple[list[list[float] | None], list[str | None], int]:
+        """Per item its [strong, weak] log-prob (summed or averaged per `normalize`; None with the reason
+        where a model could not score it), and the strong model's tokens scored."""
         p = self.params
         errors: list[str | None] = [None] * len(items)
         for model in (p.strong, p.weak):
@@ -272,12 +275,10 @@ class CDRJudge(Stage):
             errors = [e or t for e, t in zip(errors, too_long)]
         keep = [k for k, e in enumerate(errors) if e is None]
         per_model = [sequence_logprobs(self.models.get(m), [items[k] for k in keep], p.batch_size) for m in (p.strong, p.weak)]
-        rewards: list[float | None] = [None] * len(items)
         parts: list[list[float] | None] = [None] * len(items)
         for k, strong, weak in zip(keep, *per_model):
             parts[k] = [sequence_score(strong, p.normalize), sequence_score(weak, p.normalize)]
-            rewards[k] = parts[k][0] - parts[k][1]
-        return rewards, parts, errors, sum(len(s) for s in per_model[0])
+        return parts, errors, sum(len(s) for s in per_model[0])
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:
         p = self.params
@@ -299,13 +300,13 @@ class CDRJudge(Stage):
                 if text is not None:
                     items.append(ScoreItem(messages, text, prompt_text=prompt_text))
                     owners.append((row, j))
-        values, item_parts, item_errors, tokens = self.rewards(items)
+        item_parts, item_errors, tokens = self.logprobs(items)
         rewards: list[list[float | None]] = [[None] * len(t) for t in texts]
         parts: list[list[list[float] | None]] = [[None] * len(t) for t in texts]
         errors: list[list[str]] = [[] for _ in texts]
-        for (row, j), value, part, error in zip(owners, values, item_parts, item_errors):
-            rewards[row][j] = value
+        for (row, j), part, error in zip(owners, item_parts, item_errors):
             parts[row][j] = part
+            rewards[row][j] = None if part is None else part[0] - part[1]  # §2: strong − weak
             if error:
                 errors[row].append(f"response {j}: {error}")
         for row, messages in enumerate(prompts):
@@ -313,7 +314,7 @@ class CDRJudge(Stage):
                 errors[row].append("null prompt")
             errors[row] += [f"response {j}: null text" for j, t in enumerate(texts[row]) if t is None]
         counters.update({f"domain_{d}": n for d, n in Counter(domains).items()})
-        counters.update(rows=table.num_rows, responses_scored=sum(v is not None for v in values),
+        counters.update(rows=table.num_rows, responses_scored=sum(v is not None for v in item_parts),
                         tokens_scored_strong=tokens, row_errors=sum(bool(e) for e in errors))
         columns: dict[str, pa.Array] = {
             "cdr_domain": pa.array(domains, pa.string()),

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
@@ -92,10 +91,14 @@ class SCIRFilter(Stage):
     def judge(self) -> str:
         return self.params.judge or self.params.policy
 
-    def key_material(self) -> dict[str, Any]:
+    def model_refs(self) -> list[str]:
+        """The models this stage loads: policy, reference if any, judge (once each). Example: stage.model_refs()"""
         p = self.params
+        return list(dict.fromkeys(m for m in (p.policy, p.reference, self.judge) if m))
+
+    def key_material(self) -> dict[str, Any]:
         return super().key_material() | {"template_hash": self.template.hash,
-                                         "model_identity": identities(p, [m for m in (p.policy, p.reference, self.judge) if m])}
+                                         "model_identity": identities(self.params, self.model_refs())}
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require(schema, {"id": pa.string(), "prompt": MESSAGES, "chosen": pa.string(), "rejected": pa.string()}, self.name)
@@ -106,7 +109,7 @@ class SCIRFilter(Stage):
         })
 
     def open(self) -> None:
-        for model in {self.params.policy, self.params.reference, self.judge} - {None}:
+        for model in self.model_refs():
             self.models.get(model)
 
     def close(self) -> None:
@@ -127,8 +130,9 @@ class SCIRFilter(Stage):
         rows = [i for i in range(len(prompts)) if None not in (prompts[i], a[i], b[i])]
         items = [item for i in rows for item in self.judge_items(prompts[i], a[i], b[i])]
         _, too_long = response_tokens(backend, items)
-        errors: list[str | None] = [None if None not in (prompts[i], a[i], b[i]) else "null prompt or answer"
-                                    for i in range(len(prompts))]
+        errors: list[str | None] = ["null prompt or answer"] * len(prompts)
+        for i in rows:
+            errors[i] = None
         for k, message in enumerate(too_long):
             if message and errors[rows[k // 4]] is None:
                 errors[rows[k // 4]] = f"judge: {message}"
@@ -156,8 +160,8 @@ class SCIRFilter(Stage):
             if message and errors[i] is None:
                 errors[i] = f"implicit reward: {message}"
         p_gen = [None if pr is None else order_averaged(*pr) for pr in probs]
-        consistent = [None if g is None or m is None or (isinstance(m, float) and np.isnan(m))
-                      else is_consistent(g, m, p.min_confidence) for g, m in zip(p_gen, p_imp)]
+        consistent = [None if g is None or m is None else is_consistent(g, m, p.min_confidence)  # NaN is null here
+                      for g, m in zip(p_gen, p_imp)]
         n = table.num_rows
         out = put_columns(table, {
             "scir_p_ab": pa.array([None if pr is None else pr[0] for pr in probs], pa.float64()),
