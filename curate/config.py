@@ -79,6 +79,8 @@ class Pipeline:
     stages: list[BoundStage]
     path: str
     base_dir: str
+    text: str = ""  # the YAML as written (copied into the run folder as pipeline.yaml)
+    overrides: list[str] = field(default_factory=list)  # --set values applied on top of `text`
 
 
 # YAML with line numbers ----------------------------------------------------------------------
@@ -338,7 +340,8 @@ def parse_pipeline(text: str, filename: str, overrides: list[str] | None = None)
         raise _validation_error(exc, PipelineSpec, lines, filename) from None
     taken: set[str] = set()
     stages = [_bind_stage(s, i, spec.seed, lines, filename, taken) for i, s in enumerate(spec.stages)]
-    return Pipeline(spec=spec, stages=stages, path=filename, base_dir=os.path.dirname(os.path.abspath(filename)))
+    return Pipeline(spec=spec, stages=stages, path=filename, base_dir=os.path.dirname(os.path.abspath(filename)),
+                    text=text, overrides=list(overrides or []))
 
 
 def load_pipeline(path: str, overrides: list[str] | None = None) -> Pipeline:

@@ -111,6 +111,7 @@ class Plan:
             "name": self.pipeline.spec.name,
             "pipeline": self.pipeline.path,
             "seed": self.pipeline.spec.seed,
+            "overrides": self.pipeline.overrides,
             "source": {
                 "spec": self.pipeline.spec.source.model_dump(mode="json", exclude_none=True),
                 "key": self.source.key,
@@ -121,6 +122,7 @@ class Plan:
             "stages": [
                 {
                     "id": s.id,
+                    "index": i,
                     "stage": s.bound.stage.name,
                     "kind": s.kind,
                     "version": s.bound.stage.version,
@@ -129,7 +131,7 @@ class Plan:
                     "params": s.bound.stage.params.model_dump(mode="json"),
                     "columns": schema_json(s.output_schema),
                 }
-                for s in self.stages
+                for i, s in enumerate(self.stages)
             ],
             "segments": [{"index": g.index, "key": g.key, "stages": [s.id for s in g.stages]} for g in self.segments],
         }

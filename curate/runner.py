@@ -34,6 +34,8 @@ from curate.config import Pipeline
 from curate.contract import REASON, StageOutput, Verdict, conform, with_reason
 from curate.errors import ConfigError, CurateError, StageError
 from curate.keys import chain_key
+from curate import __version__
+from curate.record import PIPELINE_FILE, PLAN_FILE, STATES_DIR, STATS_FILE, RunStats, StageStats
 from curate.plan import Plan, PlannedStage, Segment, SourceInfo, build_plan, rename_in, rename_out
 from curate.sources import Ingested, SourceSpec, _is_saved_dataset, files_fingerprint, ingest
 from curate.store import Store, part_name, write_parquet_atomic, write_text_atomic
@@ -230,6 +232,8 @@ class LocalRunner:
         self.cached: Counter[str] = Counter()
         self.fitted: set[str] = set()
         self.opened: set[str] = set()
+        self.seconds: Counter[str] = Counter()  # spent in this run, per stage id (parts, fit, load)
+        self.load_seconds: Counter[str] = Counter()
 
     def input_part(self, segment: Segment, index: int, columns: list[str] | None = None) -> pa.Table:
         """Part `index` of a segment's input. Example: runner.input_part(seg, 0)"""
@@ -258,6 +262,7 @@ class LocalRunner:
 
         state = stage.fit(parts())
         seconds = time.perf_counter() - started
+        self.seconds[planned.id] += seconds
         state = state.replace_schema_metadata({"fit_seconds": repr(seconds)})
         self.store.write_state(planned.key, state)
         self.fitted.add(planned.id)
@@ -283,10 +288,12 @@ class LocalRunner:
             dropped = Counter(result.rejected.column(REASON).to_pylist()) if result.rejected is not None else Counter()
             if result.rejected is not None:
                 rejects[planned.key] = result.rejected
+            seconds = time.perf_counter() - started
             record["stages"][planned.key] = {
                 "rows_in": rows_in, "rows_out": table.num_rows, "dropped": dict(dropped),
-                "seconds": time.perf_counter() - started, "counters": result.counters,
+                "seconds": seconds, "counters": result.counters,
             }
+            self.seconds[planned.id] += seconds
             self.computed[planned.id] += 1
         record["rows_out"] = table.num_rows
         return table, rejects, record
@@ -311,7 +318,10 @@ class LocalRunner:
         state = self.fit_state(segment) if segment.global_stage else None
         for planned in segment.stages:
             if planned.id not in self.opened:  # a model loads once per process, never per part
+                started = time.perf_counter()
                 planned.bound.stage.open()
+                self.load_seconds[planned.id] += time.perf_counter() - started
+                self.seconds[planned.id] += self.load_seconds[planned.id]
                 self.opened.add(planned.id)
         progress = Progress(label, len(todo))
         pending: deque[tuple[Future, int]] = deque()
@@ -406,19 +416,25 @@ def publish(plan: Plan, store: Store, out_dir: str) -> None:
             if os.path.exists(path):
                 _link(path, os.path.join(tmp, planned.id, part_name(i)))
     _swap_dir(tmp, os.path.join(out_dir, "rejects"))
+    tmp = os.path.join(out_dir, f"{STATES_DIR}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for planned in plan.stages:
+        if planned.kind == "global" and os.path.exists(store.state_path(planned.key)):
+            _link(store.state_path(planned.key), os.path.join(tmp, f"{planned.id}.parquet"))
+    _swap_dir(tmp, os.path.join(out_dir, STATES_DIR))
 
 
-def collect_stats(plan: Plan, store: Store, runner: LocalRunner, seconds: float) -> dict[str, Any]:
+def collect_stats(plan: Plan, store: Store, runner: LocalRunner, seconds: float) -> RunStats:
     """The funnel from the manifests: rows in / out, drops per reason and time, per stage.
 
-    Example: collect_stats(plan, store, runner, 1.2)["stages"][0]["stage_id"] -> 'source'
+    Example: collect_stats(plan, store, runner, 1.2).stages[0].stage_id -> 'source'
     """
     source = plan.source
-    stages: list[dict[str, Any]] = [{
-        "stage_id": SOURCE_ID, "stage": "source", "kind": "source", "key": source.key,
-        "rows_in": source.rows_in, "rows_out": source.rows, "dropped": source.dropped,
-        "seconds": round(source.seconds, 4), "parts_computed": 0, "parts_cached": 0,
-    }]
+    stages = [StageStats(
+        stage_id=SOURCE_ID, stage="source", kind="source", key=source.key, rows_in=source.rows_in,
+        rows_out=source.rows, dropped=source.dropped, compute_seconds=round(source.seconds, 4),
+    )]
     manifests = {segment.key: store.finished(segment.key) for segment in plan.segments}
     for planned in plan.stages:
         records = manifests[plan.segments[planned.segment].key].values()
@@ -428,36 +444,30 @@ def collect_stats(plan: Plan, store: Store, runner: LocalRunner, seconds: float)
         for entry in per_part:
             dropped.update(entry["dropped"])
             counters.update(entry.get("counters", {}))
-        entry = {
-            "stage_id": planned.id, "stage": planned.bound.stage.name, "kind": planned.kind, "key": planned.key,
-            "rows_in": sum(e["rows_in"] for e in per_part), "rows_out": sum(e["rows_out"] for e in per_part),
-            "dropped": dict(sorted(dropped.items())), "seconds": round(sum(e["seconds"] for e in per_part), 4),
-            "parts_computed": runner.computed[planned.id], "parts_cached": runner.cached[planned.id],
-        }
-        if counters:
-            entry["counters"] = dict(sorted(counters.items()))
+        entry = StageStats(
+            stage_id=planned.id, stage=planned.bound.stage.name, kind=planned.kind, key=planned.key,
+            rows_in=sum(e["rows_in"] for e in per_part), rows_out=sum(e["rows_out"] for e in per_part),
+            dropped=dict(sorted(dropped.items())),
+            compute_seconds=round(sum(e["seconds"] for e in per_part), 4),
+            run_seconds=round(runner.seconds[planned.id], 4), load_seconds=round(runner.load_seconds[planned.id], 4),
+            parts_computed=runner.computed[planned.id], parts_cached=runner.cached[planned.id],
+            counters=dict(sorted(counters.items())),
+        )
         if planned.kind == "global":
             state = store.read_state(planned.key)
             meta = (state.schema.metadata or {}) if state is not None else {}
-            entry["fit_seconds"] = round(float(meta.get(b"fit_seconds", b"0")), 4)
-            entry["fit_computed"] = planned.id in runner.fitted
-            summary = planned.bound.stage.fit_summary(state) if state is not None else {}
-            if summary:
-                entry["fit"] = summary
+            entry.fit_seconds = round(float(meta.get(b"fit_seconds", b"0")), 4)
+            entry.fit_computed = planned.id in runner.fitted
+            entry.fit = planned.bound.stage.fit_summary(state) if state is not None else {}
         stages.append(entry)
     total_dropped: Counter[str] = Counter()
     for entry in stages:
-        total_dropped.update(entry["dropped"])
-    rows_out = stages[-1]["rows_out"]
-    return {
-        "pipeline": plan.pipeline.spec.name,
-        "rows_in": source.rows_in,
-        "rows_out": rows_out,
-        "parts": source.n_parts,
-        "dropped": dict(sorted(total_dropped.items())),
-        "run_seconds": round(seconds, 4),
-        "stages": stages,
-    }
+        total_dropped.update(entry.dropped)
+    return RunStats(
+        pipeline=plan.pipeline.spec.name, rows_in=source.rows_in, rows_out=stages[-1].rows_out,
+        parts=source.n_parts, dropped=dict(sorted(total_dropped.items())), run_seconds=round(seconds, 4),
+        stages=stages, executor="local", curate_version=__version__,
+    )
 
 
 def prepare_out_dir(pipeline: Pipeline, out: str | None) -> str:
@@ -538,7 +548,8 @@ def _run_locked(pipeline: Pipeline, out_dir: str, refresh: list[str] | None, sta
         _refresh(plan, store, source, refresh)
         if SOURCE_ID in refresh:
             plan, source = make_plan(pipeline, store)
-    write_text_atomic(json.dumps(plan.to_json(), indent=2), os.path.join(out_dir, "plan.json"))
+    write_text_atomic(json.dumps(plan.to_json(), indent=2), os.path.join(out_dir, PLAN_FILE))
+    write_text_atomic(pipeline.text, os.path.join(out_dir, PIPELINE_FILE))
     runner = LocalRunner(plan, store, source)
     try:
         runner.run()
@@ -548,8 +559,8 @@ def _run_locked(pipeline: Pipeline, out_dir: str, refresh: list[str] | None, sta
         raise
     publish(plan, store, out_dir)
     stats = collect_stats(plan, store, runner, time.perf_counter() - started)
-    write_text_atomic(json.dumps(stats, indent=2), os.path.join(out_dir, "stats.json"))
-    log.info("done: %d rows in, %d rows out, %s", stats["rows_in"], stats["rows_out"],
-             ", ".join(f"{k}={v}" for k, v in stats["dropped"].items()) or "nothing dropped")
-    return stats
+    write_text_atomic(json.dumps(stats.to_json(), indent=2), os.path.join(out_dir, STATS_FILE))
+    log.info("done: %d rows in, %d rows out, %s", stats.rows_in, stats.rows_out,
+             ", ".join(f"{k}={v}" for k, v in stats.dropped.items()) or "nothing dropped")
+    return stats.to_json()
 

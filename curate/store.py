@@ -116,14 +116,18 @@ class Store:
         """Read a committed part (optionally only some columns). Example: store.read_part("ab12", 0)"""
         return pq.read_table(self.part_path(key, index), columns=columns)
 
+    def state_path(self, key: str) -> str:
+        """Path of a global stage's fitted state. Example: store.state_path("ab12")"""
+        return os.path.join(self.key_dir(key), "state.parquet")
+
     def read_state(self, key: str) -> pa.Table | None:
         """A global stage's saved state, or None. Example: store.read_state("ab12")"""
-        path = os.path.join(self.key_dir(key), "state.parquet")
+        path = self.state_path(key)
         return pq.read_table(path) if os.path.exists(path) else None
 
     def write_state(self, key: str, state: pa.Table) -> None:
         """Save a global stage's state atomically. Example: store.write_state("ab12", ids)"""
-        write_parquet_atomic(state, os.path.join(self.key_dir(key), "state.parquet"))
+        write_parquet_atomic(state, self.state_path(key))
 
     def forget(self, key: str) -> None:
         """Remove everything stored under a key (used by --refresh). Example: store.forget("ab12")"""
