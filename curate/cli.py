@@ -68,12 +68,11 @@ def main(debug: bool, quiet: bool) -> None:
 def validate(pipeline: str, overrides: tuple[str, ...]) -> None:
     """Check a pipeline file and its stage chain against the source's columns; load no model."""
     from curate.config import load_pipeline
-    from curate.plan import build_plan
-    from curate.runner import SourceParts
+    from curate.runner import make_plan
 
     spec = load_pipeline(pipeline, list(overrides))
     with _scratch_store(spec) as store:
-        build_plan(spec, SourceParts(spec, store).info)
+        make_plan(spec, store)
     click.echo(f"{pipeline}: ok ({len(spec.stages)} stages)")
 
 
@@ -85,17 +84,18 @@ def validate(pipeline: str, overrides: tuple[str, ...]) -> None:
 def plan(pipeline: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Print the resolved chain, the columns after each stage and every stage key; run nothing."""
     from curate.config import load_pipeline
-    from curate.plan import build_plan, schema_json
-    from curate.runner import SourceParts
+    from curate.plan import schema_json
+    from curate.runner import make_plan
 
     spec = load_pipeline(pipeline, list(overrides))
     with _scratch_store(spec) as store:
-        resolved = build_plan(spec, SourceParts(spec, store).info)
+        resolved = make_plan(spec, store)
     if as_json:
         click.echo(json.dumps(resolved.to_json(), indent=2))
         return
     src = resolved.source
-    click.echo(f"source  key {src.key}  {src.rows} rows in {src.n_parts} parts")
+    size = f"{src.rows} rows in {src.n_parts} parts" if src.rows >= 0 else "rows counted when the run ingests it"
+    click.echo(f"source  key {src.key}  {size}")
     _echo_columns(schema_json(src.schema))
     for planned in resolved.stages:
         click.echo(f"[{planned.segment}] {planned.id} ({planned.bound.stage.name}, {planned.kind})  key {planned.key}")

@@ -141,6 +141,19 @@ class Stage:
     def close(self) -> None:
         """Free heavy state. Example: stage.close()"""
 
+    def resources(self) -> dict[str, float]:
+        """What one task of this stage needs where it runs, for executors that place tasks.
+
+        A model loaded in-process (`backend: vllm` or `transformers`) asks for one GPU when the
+        machine has CUDA; a remote server (`backend: openai`) and cheap stages ask for nothing.
+        Example: judge.resources() -> {"GPU": 1} on a CUDA machine, {} on a CPU-only one
+        """
+        if self.kind != "model" or getattr(self.params, "backend", None) not in ("vllm", "transformers"):
+            return {}
+        from curate.backends.cache import cuda_available
+
+        return {"GPU": 1} if cuda_available() else {}
+
     # Kind-specific entry points -------------------------------------------------------------
     def keep(self, table: pa.Table) -> Verdict:  # filter
         """Filter kind: decide which rows stay and why the others go. Example: stage.keep(t).keep"""

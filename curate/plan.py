@@ -75,7 +75,7 @@ class Segment:
     index: int
     stages: list[PlannedStage]
     key: str
-    parent_key: str | None
+    parent_key: str  # the source key for the first segment
 
     @property
     def global_stage(self) -> PlannedStage | None:
@@ -210,7 +210,7 @@ def cut_segments(stages: list[PlannedStage], source_key: str) -> list[Segment]:
             groups.append([])
     if not groups[-1] and len(groups) > 1:
         groups.pop()
-    segments, parent = [], None
+    segments, parent = [], source_key
     for index, group in enumerate(groups):
         for planned in group:
             planned.segment = index

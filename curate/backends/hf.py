@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 
@@ -131,9 +131,13 @@ class HFBackend:
         return out  # type: ignore[return-value]
 
     # Generation -----------------------------------------------------------------------------
-    def generate(self, requests: list[ChatRequest]) -> list[list[Completion]]:
+    streams_requests = True  # generate calls `on_done` as each batch finishes
+
+    def generate(self, requests: list[ChatRequest],
+                 on_done: Callable[[int, list[Completion]], None] | None = None) -> list[list[Completion]]:
         """Answer requests in length-sorted batches that share generation params.
 
+        `on_done(i, completions)` is called for each request of a batch when the batch is done.
         Example: backend.generate([req])[0][0].text
         """
         import torch
@@ -164,6 +168,8 @@ class HFBackend:
                 new = generated[:, ids.shape[1]:].cpu().tolist()
                 for k, i in enumerate(idx):
                     results[i] = [self._completion(new[k * params.n + j], params, len(prompts[i])) for j in range(params.n)]
+                    if on_done is not None:
+                        on_done(i, results[i])
         return results
 
     def _completion(self, tokens: list[int], params: Any, n_prompt: int) -> Completion:

@@ -55,15 +55,40 @@ def backend_options(params: ModelParams, seed: int) -> dict[str, Any]:
 
 
 def run_batched(backend: Any, requests: list, batch_size: int | None) -> list:
-    """backend.generate over requests, in chunks of batch_size (None: one call).
+    """backend.generate over requests, in chunks of batch_size (None: one call), through the request cache.
 
+    Inside a task (`curate.requests`), requests a killed attempt already finished are taken from
+    its log, and each request is logged as the engine finishes it.
     Example: run_batched(backend, requests, None)[0][0].text
     """
-    step = batch_size or max(1, len(requests))
-    out: list = []
-    for start in range(0, len(requests), step):
-        out.extend(backend.generate(requests[start:start + step]))
+    from curate.requests import current_scope
+
+    scope = current_scope()
+    out: list = scope.lookup(backend, requests) if scope is not None else [None] * len(requests)
+    todo = [i for i, found in enumerate(out) if found is None]
+    step = batch_size or max(1, len(todo))
+    for start in range(0, len(todo), step):
+        chunk = todo[start:start + step]
+        batch = [requests[i] for i in chunk]
+
+        def done(j: int, completions: list, batch: list = batch) -> None:
+            if scope is not None:
+                scope.put(backend, batch[j], completions)
+
+        results = _generate(backend, batch, done)
+        for i, completions in zip(chunk, results):
+            out[i] = completions
     return out
+
+
+def _generate(backend: Any, batch: list, done: Any) -> list:
+    """generate with a per-request callback where the backend streams, else call back after it returns."""
+    if getattr(backend, "streams_requests", False):
+        return backend.generate(batch, on_done=done)
+    results = backend.generate(batch)
+    for j, completions in enumerate(results):
+        done(j, completions)
+    return results
 
 
 class LoadedModels:
@@ -72,22 +97,41 @@ class LoadedModels:
     Example: models = LoadedModels(params, seed); models.get("smollm2-135m-instruct").generate(requests)
     """
 
-    def __init__(self, params: ModelParams, seed: int):
+    def __init__(self, params: ModelParams, seed: int, pool_size: int = 1):
         self.params = params
         self.seed = seed
-        self._loaded: dict[str, Any] = {}
+        self.pool_size = pool_size  # models this stage holds at once (a generator's `models:` pool)
+        self._used: set[str] = set()
+
+    def options(self) -> dict[str, Any]:
+        """Load options; on CUDA a vLLM pool shares the GPU: each engine gets 0.9 / pool size of it.
+
+        Example: LoadedModels(ModelParams(), 0, pool_size=2).options()["gpu_memory_utilization"] -> 0.45 on CUDA
+        """
+        options = backend_options(self.params, self.seed)
+        if self.params.backend == "vllm" and self.pool_size > 1 and "gpu_memory_utilization" not in options:
+            from curate.backends.cache import cuda_available
+
+            if cuda_available():
+                options["gpu_memory_utilization"] = round(0.9 / self.pool_size, 3)
+        return options
 
     def get(self, model: str) -> Any:
-        """The loaded backend of `model`. Example: models.get(m).logprobs(items)"""
-        if model not in self._loaded:
-            self._loaded[model] = open_backend(self.params.backend, model, **backend_options(self.params, self.seed))
-        return self._loaded[model]
+        """The loaded backend of `model`, through the process cache (which may have closed and
+        reloads it when memory was needed). Example: models.get(m).logprobs(items)"""
+        self._used.add(model)
+        return open_backend(self.params.backend, model, **self.options())
 
     def release(self) -> None:
         """Close every backend this stage loaded. Example: models.release()"""
-        for backend in self._loaded.values():
-            release_backend(backend)
-        self._loaded.clear()
+        from curate.backends.cache import cached
+
+        options = self.options()
+        for model in self._used:
+            backend = cached(self.params.backend, model, **options)
+            if backend is not None:
+                release_backend(backend)
+        self._used.clear()
 
 
 def identities(params: ModelParams, models: list[str]) -> list[str] | None:

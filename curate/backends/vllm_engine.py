@@ -21,7 +21,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -101,9 +101,14 @@ class VLLMBackend:
             seed=request.seed, structured_outputs=structured,
         )
 
-    def generate(self, requests: list[ChatRequest]) -> list[list[Completion]]:
+    streams_requests = True  # generate calls `on_done` as each request finishes
+
+    def generate(self, requests: list[ChatRequest],
+                 on_done: Callable[[int, list[Completion]], None] | None = None) -> list[list[Completion]]:
         """Answer every request (n completions each); a prompt too long for the model is a row error.
 
+        `on_done(i, completions)` is called as request i finishes (engine steps are the same
+        as `LLM.generate`'s: every request is queued first, then the engine steps until done).
         Example: backend.generate([req])[0][0].finish_reason -> 'stop' or 'length'
         """
         from vllm.inputs import TokensPrompt
@@ -119,14 +124,29 @@ class VLLMBackend:
             prompts.append(TokensPrompt(prompt_token_ids=ids))
             params.append(self._sampling(request))
             where.append(i)
+        for i in range(len(requests)):
+            if results[i] and on_done is not None:
+                on_done(i, results[i])
         if prompts:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            for i, output in zip(where, outputs):
+            for i, output in self._stream(prompts, params, where):
                 n_prompt = len(output.prompt_token_ids)
                 results[i] = [
                     Completion(c.text, c.finish_reason, len(c.token_ids), n_prompt, self.name) for c in output.outputs
                 ]
+                if on_done is not None:
+                    on_done(i, results[i])
         return results
+
+    def _stream(self, prompts: list, params: list, where: list[int]) -> Iterator[tuple[int, Any]]:
+        """(request index, finished output) as the engine finishes each request."""
+        ids = self.llm.enqueue(prompts, params, use_tqdm=False)
+        # outputs carry the request id without the random suffix enqueue returns ('0' for '0-86b4a4cf')
+        index = {rid.split("-", 1)[0]: i for rid, i in zip(ids, where)} | dict(zip(ids, where))
+        engine = self.llm.llm_engine
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished and output.request_id in index:
+                    yield index[output.request_id], output
 
     # Scoring ------------------------------------------------------------------------------
     def logprobs(self, items: list[ScoreItem]) -> list[np.ndarray]:

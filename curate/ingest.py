@@ -1,0 +1,600 @@
+"""The source as stored parts: stream the input into `parts/<source key>/part-NNNNN.parquet`.
+
+Ingest reads the input in chunks (Parquet by record batches of its row groups, JSONL / JSONL.gz
+in byte blocks cut at line ends, `datasets` folders and Hub datasets by the batches of their
+memory-mapped Arrow files), applies `limit` / `sample`, assigns ids, parses HH dialogues,
+normalises each chunk to the data contract (`curate.sources.normalize`) and writes parts of
+exactly `part_rows` rows. Peak memory is bounded by a part plus one read chunk, whatever the
+size of the source:
+- Id repeats are found by spilling `(id, position, part, offset)` of every row into
+  `ID_BUCKETS` files by a hash of the id, then checking one bucket at a time; content-hash ids
+  that repeat get `-2`, `-3` suffixes in source order (as `sources._row_ids` gives), given ids
+  that repeat are an error naming both rows. The few parts that hold a repeat are rewritten.
+- Chunks of a JSONL file can infer different types for one column (all null in one block):
+  the part schemas are unified at the end and the parts that differ are cast.
+Parts are staged and committed (with a manifest line each, like every segment) only once the
+whole source is ingested, and `source.json` is written last: an ingest cut short is redone from
+the start; a committed one is never redone. Leaves out: splitting the ingest of one source
+across workers (it runs on the driver; every later task reads its part from the store).
+
+Example: info = ingest_source(spec, ".", store); store.read_part(info.key, 0).num_rows
+"""
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from curate.contract import REASON
+from curate.errors import InputError
+from curate.keys import chain_key, digest
+from curate.plan import SourceInfo
+from curate.sources import (
+    SourceSpec,
+    _file_format,
+    _is_local,
+    _is_saved_dataset,
+    _parse_hh,
+    _parse_lines_strictly,
+    _read_dataset,
+    _resolve_files,
+    _row_ids,
+    files_fingerprint,
+    normalize,
+)
+from curate.store import Store, write_parquet_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+SOURCE_ID = "source"
+BLOCK_BYTES = 8 << 20  # JSONL bytes parsed at a time
+BATCH_ROWS = 65_536  # rows per Parquet / Arrow read batch
+ID_BUCKETS = 64  # spill files of the id repeat check (each holds ~1/64 of the ids)
+PREVIEW_ROWS = 1_000  # rows `plan` and `validate` read to learn the columns
+
+
+@dataclass
+class Chunk:
+    """Rows read from one file, with the file and the line (JSONL) or row of the first one.
+
+    `start` is the source position of the first raw row (positions count over all files).
+    Example: Chunk(t, "in.jsonl", first=101, jsonl=True, start=100).where(105) -> 'in.jsonl:106'
+    """
+
+    table: pa.Table | None
+    name: str
+    first: int  # 1-based line of the first row in a JSONL file; 0-based row otherwise
+    jsonl: bool
+    start: int = 0
+
+    def where(self, position: int) -> str:
+        """file:line (JSONL) or 'file row N' of a source position inside this chunk."""
+        row = self.first + int(position) - self.start
+        return f"{self.name}:{row}" if self.jsonl else f"{self.name} row {row}"
+
+
+# Source key ------------------------------------------------------------------------------------
+
+
+def _local_path(spec: SourceSpec, base_dir: str) -> str | None:
+    if spec.hub is not None:
+        return None
+    return spec.path if "://" in spec.path or os.path.isabs(spec.path) else os.path.join(base_dir, spec.path)
+
+
+def _is_dataset(spec: SourceSpec, path: str | None) -> bool:
+    return path is None or spec.format == "datasets" or _is_saved_dataset(path)
+
+
+def source_key(spec: SourceSpec, base_dir: str) -> str:
+    """Key of the ingested source: the input's content (file bytes, or a dataset's fingerprint) and how it is read.
+
+    Example: source_key(SourceSpec(path="x.jsonl"), ".") -> 20 hex chars
+    """
+    path = _local_path(spec, base_dir)
+    if _is_dataset(spec, path):
+        _, _, fingerprint = _read_dataset(spec, path)  # memory-mapped: opening reads no rows
+    else:
+        fingerprint = files_fingerprint(path)
+    how = spec.model_dump(mode="json", exclude={"path", "hub"})
+    return chain_key("", {"source": how, "content": fingerprint})
+
+
+# Reading in chunks -----------------------------------------------------------------------------
+
+
+def _jsonl_blocks(fs: Any, name: str) -> Iterator[tuple[bytes, int]]:
+    """Blocks of whole lines of a JSONL(.gz) file, with the 1-based line number of each block's first line."""
+    opened = fs.open(name, "rb")
+    try:
+        stream = gzip.GzipFile(fileobj=opened) if name.endswith(".gz") else opened
+        line, rest = 1, b""
+        while True:
+            try:
+                data = stream.read(BLOCK_BYTES)
+            except (OSError, EOFError) as exc:
+                raise InputError(f"not a gzip file: {exc}", where=name) from None
+            if not data:
+                break
+            data = rest + data
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:
+                rest = data
+                continue
+            block, rest = data[:cut], data[cut:]
+            yield block, line
+            line += block.count(b"\n")
+        if rest.strip():
+            yield rest, line
+    finally:
+        opened.close()
+
+
+def _parse_block(block: bytes, name: str, first_line: int) -> pa.Table:
+    """Arrow's JSON reader on a block; on failure, name the first bad line of the file."""
+    try:
+        table = pa_json.read_json(io.BytesIO(block))
+        table.validate(full=True)  # Arrow's JSON reader lets invalid UTF-8 through into strings
+        return table
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        try:
+            rows = _parse_lines_strictly(block, name)
+        except InputError as exc:  # renumber the block's line into the file's
+            line = int(exc.where.rsplit(":", 1)[1]) + first_line - 1
+            raise InputError(exc.message, where=f"{name}:{line}") from None
+        try:
+            return pa.Table.from_pylist(rows)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise InputError(f"rows do not share one type per column: {exc}", where=f"{name}:{first_line}") from None
+
+
+def _file_chunks(spec: SourceSpec, path: str) -> Iterator[Chunk]:
+    fs, files = _resolve_files(path)
+    for name in files:
+        if _file_format(name, spec.format) == "parquet":
+            try:
+                source = name if _is_local(fs) else fs.open(name, "rb")
+                reader = pq.ParquetFile(source)
+                row = 0
+                for batch in reader.iter_batches(batch_size=BATCH_ROWS):
+                    yield Chunk(pa.Table.from_batches([batch]), name, row, False)
+                    row += batch.num_rows
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise InputError(f"not a readable Parquet file: {exc}", where=name) from None
+            continue
+        empty = True
+        for block, line in _jsonl_blocks(fs, name):
+            if block.strip():
+                empty = False
+                yield Chunk(_parse_block(block, name, line), name, line, True)
+        if empty:
+            raise InputError("file is empty", where=name)
+
+
+def raw_chunks(spec: SourceSpec, base_dir: str) -> Iterator[Chunk]:
+    """The source's raw rows in chunks, in source order. Example: next(raw_chunks(spec, ".")).table"""
+    path = _local_path(spec, base_dir)
+    if _is_dataset(spec, path):
+        table, origins, _ = _read_dataset(spec, path)
+        row = 0
+        for batch in table.to_batches(max_chunksize=BATCH_ROWS):
+            yield Chunk(pa.Table.from_batches([batch]), origins[0][0], row, False)
+            row += batch.num_rows
+        return
+    yield from _file_chunks(spec, path)
+
+
+def _count_rows(spec: SourceSpec, base_dir: str) -> int:
+    """Rows of the whole source (for `sample:`): Parquet metadata, JSONL lines, dataset length."""
+    path = _local_path(spec, base_dir)
+    if _is_dataset(spec, path):
+        return _read_dataset(spec, path)[0].num_rows
+    fs, files = _resolve_files(path)
+    total = 0
+    for name in files:
+        if _file_format(name, spec.format) == "parquet":
+            total += pq.ParquetFile(name if _is_local(fs) else fs.open(name, "rb")).metadata.num_rows
+        else:
+            total += sum(sum(1 for line in block.split(b"\n") if line.strip()) for block, _ in _jsonl_blocks(fs, name))
+    return total
+
+
+def selected_chunks(spec: SourceSpec, base_dir: str) -> Iterator[tuple[Chunk, np.ndarray]]:
+    """Chunks after `limit` then `sample` (the same rows `sources.select_rows` picks), with global positions.
+
+    Example: [len(p) for _, p in selected_chunks(SourceSpec(path="x.jsonl", limit=3), ".")] -> [3]
+    """
+    keep: np.ndarray | None = None
+    if spec.sample is not None:
+        total = _count_rows(spec, base_dir)
+        total = min(total, spec.limit) if spec.limit is not None else total
+        if spec.sample.n < total:
+            rng = np.random.default_rng(spec.sample.seed)
+            keep = np.sort(rng.choice(total, size=spec.sample.n, replace=False))
+    start = 0
+    for chunk in raw_chunks(spec, base_dir):
+        n = chunk.table.num_rows
+        chunk.start = start
+        positions = np.arange(start, start + n)
+        start += n
+        if spec.limit is not None:
+            positions = positions[positions < spec.limit]
+        if keep is not None:
+            positions = positions[np.isin(positions, keep)]
+        if len(positions):
+            local = positions - chunk.start
+            if len(local) != n:
+                chunk.table = chunk.table.take(pa.array(local))
+            yield chunk, positions
+        if spec.limit is not None and start >= spec.limit:
+            return
+
+
+# Ids, parsing, normalising one chunk --------------------------------------------------------------
+
+
+def _chunk_ids(chunk: Chunk, positions: np.ndarray) -> tuple[pa.Table, bool]:
+    """The chunk with a string `id` first (content hashes where the source has none); True if hashed."""
+    table = chunk.table
+    if "id" not in table.column_names:
+        return table.add_column(0, "id", _row_ids(table)), True  # repeats across chunks are fixed later
+    ids = table.column("id")
+    if ids.null_count:
+        raise InputError("'id' is null", where=chunk.where(positions[pc.index(pc.is_null(ids), True).as_py()]))
+    if not pa.types.is_string(ids.type):
+        ids = pc.cast(ids, pa.string())
+    table = table.remove_column(table.schema.get_field_index("id"))
+    return table.add_column(0, "id", ids), False
+
+
+@dataclass
+class Prepared:
+    """One chunk after ids, HH parsing and normalisation. Example: prepare_chunk(spec, chunk, pos).kept"""
+
+    kept: pa.Table
+    rejected: pa.Table | None
+    ids: pa.Array  # every row's id, kept or not, in source order
+    kept_mask: np.ndarray
+    hashed: bool  # ids are content hashes (repeats get suffixes) rather than given
+
+
+def prepare_chunk(spec: SourceSpec, chunk: Chunk, positions: np.ndarray) -> Prepared:
+    """Ids, HH parsing and normalisation of one chunk (rows at source `positions`).
+
+    Example: prepare_chunk(SourceSpec(path="x.jsonl"), chunk, positions).kept.schema.names[:2] -> ['id', 'prompt']
+    """
+    table, hashed = _chunk_ids(chunk, positions)
+    ids = table.column("id").combine_chunks()
+    rejected = None
+    kept = np.ones(len(ids), dtype=bool)
+    if spec.parse == "hh":
+        table, rejected, kept = _parse_hh(table)
+    kept_positions = positions[kept]
+    try:
+        table = normalize(table, lambda i: chunk.where(kept_positions[i]))
+    except InputError as exc:
+        exc.where = exc.where or chunk.name
+        raise
+    return Prepared(table, rejected, ids, kept, hashed)
+
+
+# Writing parts --------------------------------------------------------------------------------
+
+
+class _IdSpill:
+    """(id, position, part, offset, is_reject) of every row, spilled to ID_BUCKETS files by id hash."""
+
+    SCHEMA = pa.schema([("id", pa.string()), ("pos", pa.int64()), ("part", pa.int32()), ("offset", pa.int32()),
+                        ("reject", pa.bool_())])
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        self.writers: dict[int, ipc.RecordBatchStreamWriter] = {}
+
+    def add(self, ids: pa.Array, positions: np.ndarray, part: np.ndarray, offset: np.ndarray, reject: np.ndarray) -> None:
+        buckets = pl.from_arrow(ids).hash(seed=0).to_numpy() % ID_BUCKETS
+        batch = pa.record_batch([ids, pa.array(positions, pa.int64()), pa.array(part, pa.int32()),
+                                 pa.array(offset, pa.int32()), pa.array(reject, pa.bool_())], schema=self.SCHEMA)
+        for bucket in np.unique(buckets):
+            writer = self.writers.get(int(bucket))
+            if writer is None:
+                sink = pa.OSFile(os.path.join(self.folder, f"{bucket:03d}.arrow"), "wb")
+                writer = self.writers[int(bucket)] = ipc.new_stream(sink, self.SCHEMA)
+            writer.write_batch(batch.filter(pa.array(buckets == bucket)))
+
+    def buckets(self) -> Iterator[pl.DataFrame]:
+        for writer in self.writers.values():
+            writer.close()
+        for bucket in sorted(self.writers):
+            with pa.OSFile(os.path.join(self.folder, f"{bucket:03d}.arrow"), "rb") as f:
+                yield pl.from_arrow(ipc.open_stream(f).read_all())
+
+
+def _repeats(spill: _IdSpill, hashed: bool, where) -> dict[tuple[bool, int], dict[int, str]]:
+    """New ids for repeated content-hash ids, by (is_reject, part) and offset; a repeated given id is an error."""
+    fixes: dict[tuple[bool, int], dict[int, str]] = {}
+    for frame in spill.buckets():
+        if frame.height == frame["id"].n_unique():
+            continue
+        frame = frame.sort("pos").with_columns(occurrence=pl.int_range(1, pl.len() + 1).over("id"))
+        repeats = frame.filter(pl.col("occurrence") > 1)
+        if not hashed:
+            first = repeats.row(0, named=True)
+            seen = frame.filter((pl.col("id") == first["id"]) & (pl.col("occurrence") == 1)).row(0, named=True)
+            raise InputError(f"'id' {first['id']!r} is not unique (first at {where(seen['pos'])})", where=where(first["pos"]))
+        for row in repeats.iter_rows(named=True):
+            fixes.setdefault((row["reject"], row["part"]), {})[row["offset"]] = f"{row['id']}-{row['occurrence']}"
+    return fixes
+
+
+def _apply_fixes(table: pa.Table, fixes: dict[int, str]) -> pa.Table:
+    ids = table.column("id").to_pylist()
+    for offset, new in fixes.items():
+        ids[offset] = new
+    return table.set_column(0, "id", pa.array(ids, pa.string()))
+
+
+@dataclass
+class _Staging:
+    """Parts and rejects written under the source key's staging folder, before they are committed."""
+
+    folder: str
+    part_rows: int
+    parts: int = 0
+    rows: int = 0
+    rejected: int = 0
+
+    def part_path(self, index: int, reject: bool = False) -> str:
+        return os.path.join(self.folder, "rejects" if reject else "data", f"{index:05d}.parquet")
+
+
+def _where_in(origins: list[tuple[int, Chunk]]):
+    """position -> 'file:line' over the (first position, chunk) origins of the source."""
+    starts = [start for start, _ in origins]
+
+    def where(position: int) -> str:
+        i = int(np.searchsorted(starts, position, side="right")) - 1
+        start, chunk = origins[i]
+        return chunk.where(int(position - start))
+
+    return where
+
+
+def ingest_source(spec: SourceSpec, base_dir: str, store: Store, key: str | None = None) -> SourceInfo:
+    """Stream the source into committed parts under its key (a no-op when they are already there).
+
+    Example: ingest_source(SourceSpec(path="x.jsonl", part_rows=1000), ".", Store("out/x")).n_parts
+    """
+    key = key or source_key(spec, base_dir)
+    cached = read_source_info(store, key)
+    if cached is not None:
+        return cached
+    started = time.perf_counter()
+    staging = _Staging(os.path.join(store.key_dir(key), f"staging.tmp-{os.getpid()}"), spec.part_rows)
+    shutil.rmtree(staging.folder, ignore_errors=True)
+    spill = _IdSpill(os.path.join(staging.folder, "ids"))
+    try:
+        info = _stream_into(spec, base_dir, staging, spill, key)
+        info.seconds = time.perf_counter() - started
+        _commit_source(store, key, staging, info)
+    finally:
+        shutil.rmtree(staging.folder, ignore_errors=True)
+    log.info("ingested %d rows from %s into %d parts (%.1f s)", info.rows, spec.path or spec.hub, info.n_parts, info.seconds)
+    return info
+
+
+class _Parts:
+    """Cuts the kept rows into parts of exactly `part_rows` and files rejects with the part being filled."""
+
+    def __init__(self, staging: _Staging):
+        self.staging = staging
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.rejects: dict[int, list[pa.Table]] = {}
+        self.reject_rows: Counter[int] = Counter()
+        self.schemas: dict[int, pa.Schema] = {}
+
+    @property
+    def filling(self) -> int:
+        """Index of the part the next kept row goes into."""
+        return (self.staging.rows + self.buffered) // self.staging.part_rows
+
+    def place(self, prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
+        """Part and offset of every row of a chunk (kept rows in their part, rejects in the reject file)."""
+        rows, size = self.staging.rows + self.buffered, self.staging.part_rows
+        kept = prepared.kept_mask
+        slot = rows + np.cumsum(kept) - 1
+        part = np.where(kept, slot // size, rows // size).astype(np.int64)
+        offset = np.where(kept, slot % size, 0).astype(np.int64)
+        if prepared.rejected is not None and prepared.rejected.num_rows:
+            index = rows // size
+            offset[~kept] = self.reject_rows[index] + np.arange((~kept).sum())
+            self.reject_rows[index] += prepared.rejected.num_rows
+            self.rejects.setdefault(index, []).append(prepared.rejected)
+        if prepared.kept.num_rows:
+            self.buffer.append(prepared.kept)
+            self.buffered += prepared.kept.num_rows
+        return part, offset
+
+    def flush(self, final: bool = False) -> None:
+        """Write every full part (and, at the end, the last partial one)."""
+        size = self.staging.part_rows
+        while self.buffered >= size or (final and self.buffered):
+            table = pa.concat_tables(self.buffer, promote_options="permissive") if len(self.buffer) > 1 else self.buffer[0]
+            part, rest = table.slice(0, size), table.slice(size)
+            index = self.staging.parts
+            write_parquet_atomic(part, self.staging.part_path(index))
+            self.schemas[index] = part.schema
+            self.staging.parts += 1
+            self.staging.rows += part.num_rows
+            self.buffer, self.buffered = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+            self._write_rejects(index, index)
+
+    def close(self) -> dict[tuple[bool, int], tuple[int, int]]:
+        """Write the last part; rejects after the last kept row join the last part's file. Returns their remap."""
+        self.flush(final=True)
+        remap = {}
+        last = max(self.staging.parts - 1, 0)
+        for index in sorted(self.rejects):
+            remap[(True, index)] = (last, self._existing_rejects(last))
+            self._write_rejects(index, last)
+        return remap
+
+    def _existing_rejects(self, index: int) -> int:
+        path = self.staging.part_path(index, reject=True)
+        return pq.read_metadata(path).num_rows if os.path.exists(path) else 0
+
+    def _write_rejects(self, index: int, into: int) -> None:
+        tables = self.rejects.pop(index, None)
+        if not tables:
+            return
+        path = self.staging.part_path(into, reject=True)
+        if os.path.exists(path):
+            tables = [pq.read_table(path)] + tables
+        write_parquet_atomic(pa.concat_tables(tables, promote_options="permissive"), path)
+        self.staging.rejected += sum(t.num_rows for t in tables)
+
+
+def _stream_into(spec: SourceSpec, base_dir: str, staging: _Staging, spill: _IdSpill, key: str) -> SourceInfo:
+    parts = _Parts(staging)
+    dropped: Counter[str] = Counter()
+    origins: list[tuple[int, Chunk]] = []
+    hashed = False
+    for chunk, positions in selected_chunks(spec, base_dir):
+        prepared = prepare_chunk(spec, chunk, positions)
+        chunk.table = None  # keep only where it came from, for error messages
+        origins.append((chunk.start, chunk))
+        hashed = hashed or prepared.hashed
+        if prepared.rejected is not None:
+            dropped.update(prepared.rejected.column(REASON).to_pylist())
+        part, offset = parts.place(prepared)
+        spill.add(prepared.ids, positions, part, offset, ~prepared.kept_mask)
+        parts.flush()
+    if not staging.rows and not parts.buffered:
+        raise InputError("the source has no rows" if not dropped else "every source row was dropped at ingest",
+                         where=spec.path or spec.hub)
+    remap = parts.close()
+    fixes = _repeats(spill, hashed, _where_in(origins))
+    for old, (index, shift) in remap.items():
+        if old in fixes and old != (True, index):
+            moved = {offset + shift: new for offset, new in fixes.pop(old).items()}
+            fixes.setdefault((True, index), {}).update(moved)
+        elif old in fixes and shift:
+            fixes[old] = {offset + shift: new for offset, new in fixes[old].items()}
+    _finish_parts(staging, parts.schemas, fixes)
+    return SourceInfo(key=key, schema=_unified(parts.schemas), rows_in=staging.rows + sum(dropped.values()),
+                      rows=staging.rows, n_parts=staging.parts, dropped=dict(dropped))
+
+
+def _unified(schemas: dict[int, pa.Schema]) -> pa.Schema:
+    unique = list({str(s): s for s in schemas.values()}.values())
+    if len(unique) == 1:
+        return unique[0]
+    try:
+        return pa.unify_schemas(unique, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise InputError(f"rows do not share one type per column across the source: {exc}") from None
+
+
+def _finish_parts(staging: _Staging, schemas: dict[int, pa.Schema], fixes: dict[tuple[bool, int], dict[int, str]]) -> None:
+    """Rewrite the parts that hold a repeated id or a column type other than the unified one."""
+    schema = _unified(schemas)
+    for index, part_schema in schemas.items():
+        fix = fixes.get((False, index))
+        if fix is None and part_schema.equals(schema):
+            continue
+        table = pq.read_table(staging.part_path(index))
+        if fix:
+            table = _apply_fixes(table, fix)
+        write_parquet_atomic(_cast_to(table, schema), staging.part_path(index))
+    for (reject, index), fix in fixes.items():
+        if reject:
+            path = staging.part_path(index, reject=True)
+            write_parquet_atomic(_apply_fixes(pq.read_table(path), fix), path)
+
+
+def _cast_to(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+# Committing and reading back ------------------------------------------------------------------------
+
+
+def _info_path(store: Store, key: str) -> str:
+    return os.path.join(store.key_dir(key), "source.json")
+
+
+def _commit_source(store: Store, key: str, staging: _Staging, info: SourceInfo) -> None:
+    """Move staged parts into place with their manifest lines, then write source.json (the marker)."""
+    done = store.finished(key)
+    for index in range(staging.parts):
+        if index in done:
+            continue
+        files = {"data": staging.part_path(index)}
+        reject = staging.part_path(index, reject=True)
+        rejects = {SOURCE_ID: reject} if os.path.exists(reject) else {}
+        rows = pq.read_metadata(files["data"]).num_rows
+        dropped = dict(Counter(pq.read_table(reject, columns=[REASON]).column(REASON).to_pylist())) if rejects else {}
+        store.commit_files(key, index, files["data"], rejects,
+                           {"rows_in": rows + sum(dropped.values()), "rows_out": rows, "dropped": dropped})
+    record = {
+        "schema": base64.b64encode(info.schema.serialize().to_pybytes()).decode("ascii"),
+        "rows_in": info.rows_in, "rows": info.rows, "n_parts": info.n_parts,
+        "dropped": info.dropped, "seconds": info.seconds,
+    }
+    write_text_atomic(json.dumps(record), _info_path(store, key))
+
+
+def read_source_info(store: Store, key: str) -> SourceInfo | None:
+    """The description of a committed source, or None when it is not (completely) ingested yet.
+
+    Example: read_source_info(Store("out/q"), key).n_parts
+    """
+    try:
+        with open(_info_path(store, key), encoding="utf-8") as f:
+            raw = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if len(store.finished(key)) != raw["n_parts"]:
+        return None
+    schema = ipc.read_schema(pa.py_buffer(base64.b64decode(raw["schema"])))
+    return SourceInfo(key, schema, raw["rows_in"], raw["rows"], raw["n_parts"], raw["dropped"], raw["seconds"])
+
+
+def preview_source(spec: SourceSpec, base_dir: str, key: str) -> SourceInfo:
+    """What `plan` and `validate` need: the columns, from the first rows only (sizes unknown, -1).
+
+    Example: preview_source(spec, ".", key).schema.names
+    """
+    for chunk, positions in selected_chunks(spec, base_dir):
+        chunk.table = chunk.table.slice(0, PREVIEW_ROWS)
+        prepared = prepare_chunk(spec, chunk, positions[:PREVIEW_ROWS])
+        return SourceInfo(key=key, schema=prepared.kept.schema, rows_in=-1, rows=-1, n_parts=-1)
+    raise InputError("the source has no rows", where=spec.path or spec.hub)
+
+
+def source_rejects(store: Store, key: str) -> dict[int, str]:
+    """Reject files of the committed source parts, by part index. Example: source_rejects(store, key)"""
+    return {i: r["rejects"][SOURCE_ID] for i, r in store.finished(key).items() if SOURCE_ID in r.get("rejects", {})}
+
+
+__all__ = ["SOURCE_ID", "ingest_source", "preview_source", "read_source_info", "source_key", "digest"]
