@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from functools import wraps
 from typing import Any, Callable
@@ -59,6 +60,9 @@ def main(debug: bool, quiet: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, force=True)
+    if not debug:  # Dask's scheduler and workers (also worker processes it starts) log at WARNING
+        logging.getLogger("distributed").setLevel(max(level, logging.WARNING))
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
 @main.command()
@@ -129,15 +133,25 @@ class _scratch_store:
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @click.option("--out", "out", type=click.Path(), default=None, help="Run folder (overrides the YAML's output).")
 @click.option("--refresh", multiple=True, metavar="STAGE", help="Recompute this stage and all after it (repeatable).")
+@click.option("--executor", type=click.Choice(["local", "dask"]), default=None,
+              help="Where part tasks run (default: the YAML's executor, else local).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="dask: LocalCluster worker processes.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="dask: join this scheduler (tcp://host:8786; or set DASK_SCHEDULER_ADDRESS).")
 @OVERRIDE
 @_user_errors
-def run(pipeline: str, out: str | None, refresh: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+def run(pipeline: str, out: str | None, refresh: tuple[str, ...], executor: str | None, workers: int | None,
+        scheduler: str | None, overrides: tuple[str, ...]) -> None:
     """Run a pipeline; resume whatever a previous run of the same pipeline finished."""
     from curate.config import load_pipeline
+    from curate.executors import make_executor
     from curate.runner import run_pipeline
 
     spec = load_pipeline(pipeline, list(overrides))
-    stats = run_pipeline(spec, out, list(refresh))
+    chosen = spec.spec.executor
+    kind = executor or ("dask" if scheduler or workers else chosen.kind)
+    runner = make_executor(kind, workers or chosen.workers, scheduler or chosen.scheduler)
+    stats = run_pipeline(spec, out, list(refresh), executor=runner)
     click.echo(f"{stats['rows_out']} rows written to {out or spec.spec.output}/data "
                f"({stats['rows_in']} in; dropped: {stats['dropped'] or 'none'})")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -39,6 +39,18 @@ class StageSpec(BaseModel):
     outputs: dict[str, str] = Field(default_factory=dict, description="stage column -> name it is written as")
 
 
+class ExecutorSpec(BaseModel):
+    """Where a run's part tasks run (`executor:` in a pipeline file; the CLI options override it).
+
+    Example: ExecutorSpec(kind="dask", workers=4)
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["local", "dask"] = Field("local", description="local: in this process; dask: on a Dask cluster")
+    workers: int | None = Field(None, ge=1, description="dask: worker processes of a LocalCluster (default: CPU count)")
+    scheduler: str | None = Field(None, description="dask: address of an existing scheduler, e.g. tcp://host:8786")
+
+
 class PipelineSpec(BaseModel):
     """A whole pipeline file.
 
@@ -52,6 +64,7 @@ class PipelineSpec(BaseModel):
     stages: list[StageSpec] = Field(default_factory=list)
     output: str | None = Field(None, description="output folder (relative to the current directory)")
     seed: int = Field(0, description="global seed; every random choice hashes it with the row id")
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec, description="where part tasks run (not part of any key)")
 
 
 @dataclass

@@ -167,8 +167,17 @@ class Stage:
         """Global kind: columns `fit` needs, so the runner reads only those. Example: ['id']"""
         return schema.names
 
+    def summarize(self, part: pa.Table) -> pa.Table:  # global
+        """Global kind, first pass: reduce one part (its `fit_columns`) to what `fit` needs.
+
+        Runs where the part's task runs (a Dask worker); `fit` then combines the summaries of
+        every part on the driver. The default passes the projected columns through.
+        Example: dedup.summarize(part).column_names -> ['key', 'id']
+        """
+        return part
+
     def fit(self, tables: Iterable[pa.Table]) -> pa.Table:  # global
-        """Global kind: compute the state over every part of the input. Example: stage.fit(parts)"""
+        """Global kind, second pass: compute the state from every part's summary. Example: stage.fit(summaries)"""
         raise NotImplementedError
 
     def fit_summary(self, state: pa.Table) -> dict[str, Any]:  # global

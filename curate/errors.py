@@ -22,11 +22,18 @@ class CurateError(Exception):
         self.hint = hint
         super().__init__(str(self))
 
+    def __reduce__(self):  # keep `where` and `hint` when a Dask worker sends the error back
+        return (_rebuild, (type(self), self.message, self.where, self.hint))
+
     def __str__(self) -> str:
         text = f"{self.where}: {self.message}" if self.where else self.message
         if self.hint:
             text += f" (did you mean '{self.hint}'?)"
         return text
+
+
+def _rebuild(cls: type, message: str, where: str | None, hint: str | None) -> CurateError:
+    return cls(message, where=where, hint=hint)
 
 
 class ConfigError(CurateError):

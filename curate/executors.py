@@ -3,12 +3,14 @@
 `Executor.map(fn, tasks)` yields each task's result as it is ready (any order) and raises the
 first task error after the tasks already running have finished. `LocalExecutor` (the default)
 computes tasks in this process, one after the other, so pdb and tracebacks work as usual;
-writing a computed part runs on background threads while the next part computes. Leaves out: the Dask executor (its own module).
+writing a computed part runs on background threads while the next part computes. The Dask
+executor lives in `curate.executors_dask`.
 
 Example: for result in LocalExecutor().map(run_part, tasks): store.commit_files(...)
 """
 from __future__ import annotations
 
+import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -27,8 +29,8 @@ class Executor(Protocol):
         """Run `fn` on every task; yield results as they are ready."""
         ...
 
-    def prepare(self, stages: Iterable[Any]) -> None:
-        """Called once per run with the plan's stages, before any task."""
+    def prepare(self, stages: Iterable[Any], root: str) -> None:
+        """Called once per run with the plan's stages and the store's (absolute) root, before any task."""
         ...
 
     def release(self, stage_keys: list[str]) -> None:
@@ -45,7 +47,7 @@ class LocalExecutor:
 
     name = "local"
 
-    def prepare(self, stages: Iterable[Any]) -> None:
+    def prepare(self, stages: Iterable[Any], root: str) -> None:
         adopt_planned(list(stages))  # tasks here use the driver's own stage objects
 
     def map(self, fn: Callable[[PartTask], PartResult], tasks: list[PartTask]) -> Iterator[PartResult]:
@@ -77,3 +79,15 @@ class LocalExecutor:
         from curate.task import close_stages
 
         close_stages()
+
+
+def make_executor(kind: str = "local", workers: int | None = None, scheduler: str | None = None) -> Executor:
+    """The executor a run asks for: `local`, or `dask` (a LocalCluster of `workers`, or `scheduler`).
+
+    `DASK_SCHEDULER_ADDRESS` in the environment stands for `scheduler`. Example: make_executor("dask", workers=2)
+    """
+    if kind == "local":
+        return LocalExecutor()
+    from curate.executors_dask import DaskExecutor
+
+    return DaskExecutor(scheduler=scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"), workers=workers)

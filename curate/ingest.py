@@ -22,8 +22,6 @@ Example: info = ingest_source(spec, ".", store); store.read_part(info.key, 0).nu
 from __future__ import annotations
 
 import base64
-import gzip
-import io
 import json
 import logging
 import os
@@ -31,219 +29,26 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from curate.contract import REASON
 from curate.errors import InputError
-from curate.keys import chain_key, digest
 from curate.plan import SourceInfo
-from curate.sources import (
-    SourceSpec,
-    _file_format,
-    _is_local,
-    _is_saved_dataset,
-    _parse_hh,
-    _parse_lines_strictly,
-    _read_dataset,
-    _resolve_files,
-    _row_ids,
-    files_fingerprint,
-    normalize,
-)
+from curate.reading import PREVIEW_ROWS, Chunk, selected_chunks, source_key
+from curate.sources import SourceSpec, _parse_hh, _row_ids, normalize
 from curate.store import Store, write_parquet_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 SOURCE_ID = "source"
-BLOCK_BYTES = 8 << 20  # JSONL bytes parsed at a time
-BATCH_ROWS = 65_536  # rows per Parquet / Arrow read batch
 ID_BUCKETS = 64  # spill files of the id repeat check (each holds ~1/64 of the ids)
-PREVIEW_ROWS = 1_000  # rows `plan` and `validate` read to learn the columns
-
-
-@dataclass
-class Chunk:
-    """Rows read from one file, with the file and the line (JSONL) or row of the first one.
-
-    `start` is the source position of the first raw row (positions count over all files).
-    Example: Chunk(t, "in.jsonl", first=101, jsonl=True, start=100).where(105) -> 'in.jsonl:106'
-    """
-
-    table: pa.Table | None
-    name: str
-    first: int  # 1-based line of the first row in a JSONL file; 0-based row otherwise
-    jsonl: bool
-    start: int = 0
-
-    def where(self, position: int) -> str:
-        """file:line (JSONL) or 'file row N' of a source position inside this chunk."""
-        row = self.first + int(position) - self.start
-        return f"{self.name}:{row}" if self.jsonl else f"{self.name} row {row}"
-
-
-# Source key ------------------------------------------------------------------------------------
-
-
-def _local_path(spec: SourceSpec, base_dir: str) -> str | None:
-    if spec.hub is not None:
-        return None
-    return spec.path if "://" in spec.path or os.path.isabs(spec.path) else os.path.join(base_dir, spec.path)
-
-
-def _is_dataset(spec: SourceSpec, path: str | None) -> bool:
-    return path is None or spec.format == "datasets" or _is_saved_dataset(path)
-
-
-def source_key(spec: SourceSpec, base_dir: str) -> str:
-    """Key of the ingested source: the input's content (file bytes, or a dataset's fingerprint) and how it is read.
-
-    Example: source_key(SourceSpec(path="x.jsonl"), ".") -> 20 hex chars
-    """
-    path = _local_path(spec, base_dir)
-    if _is_dataset(spec, path):
-        _, _, fingerprint = _read_dataset(spec, path)  # memory-mapped: opening reads no rows
-    else:
-        fingerprint = files_fingerprint(path)
-    how = spec.model_dump(mode="json", exclude={"path", "hub"})
-    return chain_key("", {"source": how, "content": fingerprint})
-
-
-# Reading in chunks -----------------------------------------------------------------------------
-
-
-def _jsonl_blocks(fs: Any, name: str) -> Iterator[tuple[bytes, int]]:
-    """Blocks of whole lines of a JSONL(.gz) file, with the 1-based line number of each block's first line."""
-    opened = fs.open(name, "rb")
-    try:
-        stream = gzip.GzipFile(fileobj=opened) if name.endswith(".gz") else opened
-        line, rest = 1, b""
-        while True:
-            try:
-                data = stream.read(BLOCK_BYTES)
-            except (OSError, EOFError) as exc:
-                raise InputError(f"not a gzip file: {exc}", where=name) from None
-            if not data:
-                break
-            data = rest + data
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:
-                rest = data
-                continue
-            block, rest = data[:cut], data[cut:]
-            yield block, line
-            line += block.count(b"\n")
-        if rest.strip():
-            yield rest, line
-    finally:
-        opened.close()
-
-
-def _parse_block(block: bytes, name: str, first_line: int) -> pa.Table:
-    """Arrow's JSON reader on a block; on failure, name the first bad line of the file."""
-    try:
-        table = pa_json.read_json(io.BytesIO(block))
-        table.validate(full=True)  # Arrow's JSON reader lets invalid UTF-8 through into strings
-        return table
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        try:
-            rows = _parse_lines_strictly(block, name)
-        except InputError as exc:  # renumber the block's line into the file's
-            line = int(exc.where.rsplit(":", 1)[1]) + first_line - 1
-            raise InputError(exc.message, where=f"{name}:{line}") from None
-        try:
-            return pa.Table.from_pylist(rows)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise InputError(f"rows do not share one type per column: {exc}", where=f"{name}:{first_line}") from None
-
-
-def _file_chunks(spec: SourceSpec, path: str) -> Iterator[Chunk]:
-    fs, files = _resolve_files(path)
-    for name in files:
-        if _file_format(name, spec.format) == "parquet":
-            try:
-                source = name if _is_local(fs) else fs.open(name, "rb")
-                reader = pq.ParquetFile(source)
-                row = 0
-                for batch in reader.iter_batches(batch_size=BATCH_ROWS):
-                    yield Chunk(pa.Table.from_batches([batch]), name, row, False)
-                    row += batch.num_rows
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise InputError(f"not a readable Parquet file: {exc}", where=name) from None
-            continue
-        empty = True
-        for block, line in _jsonl_blocks(fs, name):
-            if block.strip():
-                empty = False
-                yield Chunk(_parse_block(block, name, line), name, line, True)
-        if empty:
-            raise InputError("file is empty", where=name)
-
-
-def raw_chunks(spec: SourceSpec, base_dir: str) -> Iterator[Chunk]:
-    """The source's raw rows in chunks, in source order. Example: next(raw_chunks(spec, ".")).table"""
-    path = _local_path(spec, base_dir)
-    if _is_dataset(spec, path):
-        table, origins, _ = _read_dataset(spec, path)
-        row = 0
-        for batch in table.to_batches(max_chunksize=BATCH_ROWS):
-            yield Chunk(pa.Table.from_batches([batch]), origins[0][0], row, False)
-            row += batch.num_rows
-        return
-    yield from _file_chunks(spec, path)
-
-
-def _count_rows(spec: SourceSpec, base_dir: str) -> int:
-    """Rows of the whole source (for `sample:`): Parquet metadata, JSONL lines, dataset length."""
-    path = _local_path(spec, base_dir)
-    if _is_dataset(spec, path):
-        return _read_dataset(spec, path)[0].num_rows
-    fs, files = _resolve_files(path)
-    total = 0
-    for name in files:
-        if _file_format(name, spec.format) == "parquet":
-            total += pq.ParquetFile(name if _is_local(fs) else fs.open(name, "rb")).metadata.num_rows
-        else:
-            total += sum(sum(1 for line in block.split(b"\n") if line.strip()) for block, _ in _jsonl_blocks(fs, name))
-    return total
-
-
-def selected_chunks(spec: SourceSpec, base_dir: str) -> Iterator[tuple[Chunk, np.ndarray]]:
-    """Chunks after `limit` then `sample` (the same rows `sources.select_rows` picks), with global positions.
-
-    Example: [len(p) for _, p in selected_chunks(SourceSpec(path="x.jsonl", limit=3), ".")] -> [3]
-    """
-    keep: np.ndarray | None = None
-    if spec.sample is not None:
-        total = _count_rows(spec, base_dir)
-        total = min(total, spec.limit) if spec.limit is not None else total
-        if spec.sample.n < total:
-            rng = np.random.default_rng(spec.sample.seed)
-            keep = np.sort(rng.choice(total, size=spec.sample.n, replace=False))
-    start = 0
-    for chunk in raw_chunks(spec, base_dir):
-        n = chunk.table.num_rows
-        chunk.start = start
-        positions = np.arange(start, start + n)
-        start += n
-        if spec.limit is not None:
-            positions = positions[positions < spec.limit]
-        if keep is not None:
-            positions = positions[np.isin(positions, keep)]
-        if len(positions):
-            local = positions - chunk.start
-            if len(local) != n:
-                chunk.table = chunk.table.take(pa.array(local))
-            yield chunk, positions
-        if spec.limit is not None and start >= spec.limit:
-            return
 
 
 # Ids, parsing, normalising one chunk --------------------------------------------------------------
@@ -371,8 +176,7 @@ def _where_in(origins: list[tuple[int, Chunk]]):
 
     def where(position: int) -> str:
         i = int(np.searchsorted(starts, position, side="right")) - 1
-        start, chunk = origins[i]
-        return chunk.where(int(position - start))
+        return origins[i][1].where(position)
 
     return where
 
@@ -585,7 +389,7 @@ def preview_source(spec: SourceSpec, base_dir: str, key: str) -> SourceInfo:
 
     Example: preview_source(spec, ".", key).schema.names
     """
-    for chunk, positions in selected_chunks(spec, base_dir):
+    for chunk, positions in selected_chunks(spec, base_dir, preview=True):
         chunk.table = chunk.table.slice(0, PREVIEW_ROWS)
         prepared = prepare_chunk(spec, chunk, positions[:PREVIEW_ROWS])
         return SourceInfo(key=key, schema=prepared.kept.schema, rows_in=-1, rows=-1, n_parts=-1)
@@ -597,4 +401,4 @@ def source_rejects(store: Store, key: str) -> dict[int, str]:
     return {i: r["rejects"][SOURCE_ID] for i, r in store.finished(key).items() if SOURCE_ID in r.get("rejects", {})}
 
 
-__all__ = ["SOURCE_ID", "ingest_source", "preview_source", "read_source_info", "source_key", "digest"]
+__all__ = ["SOURCE_ID", "ingest_source", "preview_source", "read_source_info", "source_key"]

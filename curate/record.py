@@ -86,7 +86,9 @@ class RunStats:
     def to_json(self) -> dict[str, Any]:
         """Plain data for stats.json; empty optional fields are left out. Example: stats.to_json()["rows_out"]"""
         data = asdict(self)
-        data["stages"] = [{k: v for k, v in s.items() if v not in (None, {})} for s in data["stages"]]
+        optional = {"counters", "fit", "resources"}  # left out when empty; `dropped` always stays
+        data["stages"] = [{k: v for k, v in s.items() if v is not None and not (k in optional and v == {})}
+                          for s in data["stages"]]
         return data
 
     @classmethod

@@ -25,10 +25,11 @@ import time
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from curate.config import Pipeline
 from curate.errors import ConfigError, CurateError
-from curate.executors import Executor, LocalExecutor
+from curate.executors import Executor, make_executor
 from curate.ingest import SOURCE_ID, ingest_source, preview_source, read_source_info, source_key
 from curate.plan import Plan, Segment, SourceInfo, build_plan, rename_in
 from curate.progress import Progress
@@ -36,15 +37,17 @@ from curate.publish import clean_stale, publish
 from curate.record import PIPELINE_FILE, PLAN_FILE, STATS_FILE
 from curate.stats import RunLog, collect_stats
 from curate.store import Store, write_text_atomic
-from curate.task import PartResult, run_part, segment_tasks
+from curate.task import PartResult, StageTask, SummaryTask, run_part, segment_tasks, summarize_part
 
 log = logging.getLogger(__name__)
 
 
-def fit_state(plan: Plan, store: Store, segment: Segment, run_log: RunLog) -> str:
-    """Fit the segment's global stage over its whole input once; store the state under its key.
+def fit_state(plan: Plan, store: Store, segment: Segment, executor: Executor, run_log: RunLog) -> str:
+    """Fit the segment's global stage once, in two passes; store the state under its key.
 
-    `fit` reads only the columns the stage asks for, part by part. Example: fit_state(plan, store, seg, log)
+    Each part's fit columns are reduced by the stage's `summarize` where tasks run (a summary
+    file per part in the store); the driver combines the summaries with `fit`. No global stage
+    reads whole rows into the driver. Example: fit_state(plan, store, seg, LocalExecutor(), RunLog())
     """
     planned = segment.global_stage
     if store.read_state(planned.key) is not None:
@@ -53,18 +56,16 @@ def fit_state(plan: Plan, store: Store, segment: Segment, run_log: RunLog) -> st
     into = rename_in(planned.bound)
     wanted = stage.fit_columns(pa.schema([f.with_name(into.get(f.name, f.name)) for f in planned.input_schema]))
     back = {v: k for k, v in into.items()}
-    columns = [back.get(c, c) for c in wanted]
+    columns = tuple(back.get(c, c) for c in wanted)
     log.info("%s: fitting over %d parts", planned.id, plan.source.n_parts)
     started = time.perf_counter()
-
-    def parts() -> Iterator[pa.Table]:
-        for i in range(plan.source.n_parts):
-            part = store.read_part(segment.parent_key, i, columns)
-            yield part.rename_columns([into.get(n, n) for n in part.column_names]) if into else part
-
-    state = stage.fit(parts())
+    spec = StageTask.of(planned)
+    tasks = [SummaryTask(store.root, spec, segment.parent_key, i, columns) for i in range(plan.source.n_parts)]
+    paths = sorted(executor.map(summarize_part, tasks))  # part order, whatever order they finished in
+    state = stage.fit(pq.read_table(path) for path in paths)
     seconds = time.perf_counter() - started
     store.write_state(planned.key, state.replace_schema_metadata({"fit_seconds": repr(seconds)}))
+    shutil.rmtree(os.path.dirname(paths[0]), ignore_errors=True)
     run_log.add_fit(planned.id, seconds)
     return planned.key
 
@@ -92,7 +93,7 @@ def run_segment(plan: Plan, store: Store, segment: Segment, executor: Executor, 
         log.info("%s: all %d parts cached", label, n_parts)
         return
     log.info("%s: %d parts cached, %d to compute", label, n_parts - len(todo), len(todo))
-    state_key = fit_state(plan, store, segment, run_log) if segment.global_stage else None
+    state_key = fit_state(plan, store, segment, executor, run_log) if segment.global_stage else None
     progress = Progress(label, len(todo))
     for result in executor.map(run_part, segment_tasks(store.root, segment, todo, state_key)):
         _commit(store, result, run_log, stage_ids)
@@ -160,8 +161,14 @@ def run_pipeline(pipeline: Pipeline, out: str | None = None, refresh: list[str] 
     """
     started = time.perf_counter()
     out_dir = prepare_out_dir(pipeline, out)
-    with _exclusive(out_dir):
-        return _run_locked(pipeline, out_dir, refresh, started, executor or LocalExecutor())
+    if executor is None:
+        spec = pipeline.spec.executor
+        executor = make_executor(spec.kind, spec.workers, spec.scheduler)
+    try:
+        with _exclusive(out_dir):
+            return _run_locked(pipeline, out_dir, refresh, started, executor)
+    finally:
+        executor.close()  # frees every model (and a LocalCluster), also when the run failed
 
 
 @contextlib.contextmanager
@@ -192,15 +199,15 @@ def _ingest(pipeline: Pipeline, store: Store, run_log: RunLog) -> SourceInfo:
 def _run_locked(pipeline: Pipeline, out_dir: str, refresh: list[str] | None, started: float,
                 executor: Executor) -> dict[str, Any]:
     clean_stale(out_dir)
-    store = Store(out_dir)
+    store = Store(os.path.abspath(out_dir))  # tasks may run in other processes, with another cwd
     run_log = RunLog()
     if refresh:
         _refresh(make_plan(pipeline, store), store, refresh)
     plan = build_plan(pipeline, _ingest(pipeline, store, run_log))
     write_text_atomic(json.dumps(plan.to_json(), indent=2), os.path.join(out_dir, PLAN_FILE))
     write_text_atomic(pipeline.text, os.path.join(out_dir, PIPELINE_FILE))
-    executor.prepare(plan.stages)
     try:
+        executor.prepare(plan.stages, store.root)
         for segment in plan.segments:
             if segment.stages:
                 run_segment(plan, store, segment, executor, run_log)
@@ -208,8 +215,6 @@ def _run_locked(pipeline: Pipeline, out_dir: str, refresh: list[str] | None, sta
         finished = sum(len(store.finished(s.key)) for s in plan.segments)
         exc.message += f"; {finished} finished parts are kept, run again to resume"
         raise
-    finally:
-        executor.close()
     publish(plan, store, out_dir)
     stats = collect_stats(plan, store, run_log, time.perf_counter() - started, executor.name)
     write_text_atomic(json.dumps(stats.to_json(), indent=2), os.path.join(out_dir, STATS_FILE))

@@ -9,15 +9,12 @@ and rejected final assistant replies.
 After ingest every row has a unique string `id` (a content hash of the source row when the source
 has none), `prompt` as `list<struct<role, content>>`, `chosen` / `rejected` as strings and
 `responses` as `list<struct<text, model, finish_reason, n_tokens>>` where present (DESIGN.md §1).
-Leaves out: streaming sources larger than memory (the whole source is read once per run).
+Leaves out: reading in chunks (`curate.reading`) and storing the source as parts (`curate.ingest`).
 
 Example: ingest(SourceSpec(path="pipelines/data/quickstart.jsonl"), base_dir=".").table.num_rows
 """
 from __future__ import annotations
 
-import gzip
-import io
-import json
 import logging
 import os
 import re
@@ -25,10 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -135,61 +130,6 @@ def _file_format(name: str, declared: str) -> str:
     raise InputError("cannot tell the format from the file name; set source.format", where=name)
 
 
-def _read_jsonl(fs: Any, name: str) -> pa.Table:
-    """Read JSON lines with Arrow; on failure, find the first bad line and name it."""
-    with fs.open(name, "rb") as f:
-        raw = f.read()
-    if name.endswith(".gz"):
-        try:
-            raw = gzip.decompress(raw)
-        except OSError as exc:
-            raise InputError(f"not a gzip file: {exc}", where=name) from None
-    if not raw.strip():
-        raise InputError("file is empty", where=name)
-    try:
-        table = pa_json.read_json(io.BytesIO(raw))
-        table.validate(full=True)  # Arrow's JSON reader lets invalid UTF-8 through into strings
-        return table
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as arrow_error:
-        rows = _parse_lines_strictly(raw, name)
-        try:
-            return pa.Table.from_pylist(rows)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise InputError(f"rows do not share one type per column: {exc}", where=name) from None
-        finally:
-            log.debug("arrow JSON reader failed (%s); parsed %s line by line", arrow_error, name)
-
-
-def _parse_lines_strictly(raw: bytes, name: str) -> list[dict]:
-    """Parse JSONL line by line, raising InputError with file:line for the first bad line."""
-    rows: list[dict] = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"line is not valid UTF-8 (byte {exc.start})", where=f"{name}:{number}") from None
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"line is not valid JSON: {exc.msg}", where=f"{name}:{number}") from None
-        if not isinstance(row, dict):
-            raise InputError(f"line is a JSON {type(row).__name__}, expected an object", where=f"{name}:{number}")
-        rows.append(row)
-    return rows
-
-
-def _read_parquet(fs: Any, name: str) -> pa.Table:
-    try:
-        if _is_local(fs):
-            return pq.read_table(name)  # Arrow's own multi-threaded local reader
-        with fs.open(name, "rb") as f:
-            return pq.read_table(f)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"not a readable Parquet file: {exc}", where=name) from None
-
-
 def _is_local(fs: Any) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
@@ -202,22 +142,6 @@ def files_fingerprint(path: str) -> str:
     """
     fs, files = _resolve_files(path)
     return digest(*[file_digest(fs.unstrip_protocol(name)) for name in files])
-
-
-def _read_files(spec: SourceSpec, path: str) -> tuple[pa.Table, list[tuple[str, int]], str | None]:
-    """Read every file behind `path`; return the table and (file, rows) origins (no fingerprint)."""
-    fs, files = _resolve_files(path)
-    tables, origins = [], []
-    for name in files:
-        fmt = _file_format(name, spec.format)
-        table = _read_parquet(fs, name) if fmt == "parquet" else _read_jsonl(fs, name)
-        tables.append(table)
-        origins.append((name, table.num_rows))
-    try:
-        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise InputError(f"files do not share one schema: {exc}", where=path) from None
-    return table, origins, None
 
 
 def _read_dataset(spec: SourceSpec, path: str | None) -> tuple[pa.Table, list[tuple[str, int]], str]:
@@ -238,49 +162,6 @@ def _read_dataset(spec: SourceSpec, path: str | None) -> tuple[pa.Table, list[tu
         raise InputError(f"could not load dataset: {exc}", where=where) from None
     table = ds.data.table if ds._indices is None else ds.flatten_indices().data.table
     return pa.table(table), [(where, ds.num_rows)], digest(ds._fingerprint)
-
-
-def read_source(spec: SourceSpec, base_dir: str) -> tuple[pa.Table, list[tuple[str, int]], str | None]:
-    """Read the raw source table, with row origins and, for datasets, their fingerprint.
-
-    File sources return None as fingerprint: `files_fingerprint` hashes them without parsing.
-
-    Example: read_source(SourceSpec(path="x.jsonl"), ".")[0].num_rows
-    """
-    if spec.hub is not None:
-        return _read_dataset(spec, None)
-    path = spec.path if "://" in spec.path or os.path.isabs(spec.path) else os.path.join(base_dir, spec.path)
-    if spec.format == "datasets" or _is_saved_dataset(path):
-        return _read_dataset(spec, path)
-    return _read_files(spec, path)
-
-
-# Row selection --------------------------------------------------------------------------------
-
-
-def select_rows(table: pa.Table, spec: SourceSpec) -> tuple[pa.Table, np.ndarray]:
-    """Apply `limit` then `sample`; return the rows and their positions in the source.
-
-    Example: select_rows(t, SourceSpec(path="x", limit=2))[1] -> array([0, 1])
-    """
-    positions = np.arange(table.num_rows)
-    if spec.limit is not None:
-        positions = positions[: spec.limit]
-    if spec.sample is not None and spec.sample.n < len(positions):
-        rng = np.random.default_rng(spec.sample.seed)
-        positions = np.sort(rng.choice(positions, size=spec.sample.n, replace=False))
-    if len(positions) == table.num_rows:
-        return table, positions
-    return table.take(pa.array(positions)), positions
-
-
-def _where(origins: list[tuple[str, int]], position: int) -> str:
-    """file:line (JSONL) or 'file row N' (others) for a position in the concatenated source."""
-    for name, rows in origins:
-        if position < rows:
-            return f"{name}:{position + 1}" if name.endswith(JSONL_SUFFIXES) else f"{name} row {position}"
-        position -= rows
-    return f"row {position}"
 
 
 # HH-RLHF dialogues ----------------------------------------------------------------------------
@@ -372,26 +253,6 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _normalize_ids(table: pa.Table, where: Any) -> pa.Table:
-    if "id" not in table.column_names:
-        return table.add_column(0, "id", _row_ids(table))
-    ids = table.column("id")
-    if ids.null_count:
-        first = pc.index(pc.is_null(ids), True).as_py()
-        raise InputError("'id' is null", where=where(first))
-    if not pa.types.is_string(ids.type):
-        ids = pc.cast(ids, pa.string())
-    series = pl.from_arrow(ids)
-    if series.n_unique() != len(ids):  # polars: ~7x faster than Arrow's count_distinct here
-        repeat = int((~series.is_first_distinct()).arg_true()[0])  # the first row whose id was seen before
-        dup = ids[repeat].as_py()
-        first = pc.index(ids, dup).as_py()
-        raise InputError(f"'id' {dup!r} is not unique (first at {where(first)})", where=where(repeat))
-    index = table.schema.get_field_index("id")
-    table = table.remove_column(index)
-    return table.add_column(0, "id", ids)
-
-
 def _as_messages(column: pa.ChunkedArray, name: str, where: Any) -> pa.Array:
     """A string column becomes one user turn per row; a list of {role, content} is cast."""
     array = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
@@ -474,27 +335,22 @@ def normalize(table: pa.Table, where: Any) -> pa.Table:
 
 
 def ingest(spec: SourceSpec, base_dir: str) -> Ingested:
-    """Read, select, parse and normalise a source; raise InputError naming the file and row.
+    """Read a whole source into one table (for library use and small data), through the same
+    streaming ingest a run uses (`curate.ingest`), so ids, drops and errors are identical.
 
-    Example: ingest(SourceSpec(path="pipelines/data/quickstart.jsonl"), ".").table.num_rows -> 24
+    Example: ingest(SourceSpec(path="pipelines/data/prompts.jsonl"), ".").table.num_rows -> 12
     """
-    raw, origins, fingerprint = read_source(spec, base_dir)
-    table, positions = select_rows(raw, spec)
-    if table.num_rows == 0:
-        raise InputError("the source has no rows", where=spec.path or spec.hub)
+    import tempfile
 
-    def where(i: int) -> str:
-        return _where(origins, int(positions[i]))
+    from curate.ingest import ingest_source, source_key
+    from curate.store import Store
 
-    try:
-        table = _normalize_ids(table, where)  # ids hash the source row as read, before any parsing
-        rejected = None
-        if spec.parse == "hh":
-            table, rejected, kept = _parse_hh(table)
-            positions = positions[kept]
-        table = normalize(table, where)
-    except InputError as exc:  # a problem with a whole column names the source, not a row
-        exc.where = exc.where or spec.path or spec.hub
-        raise
-    log.info("ingested %d rows from %s", table.num_rows, spec.path or spec.hub)
-    return Ingested(table=table, rejected=rejected, fingerprint=fingerprint, origins=origins)
+    with tempfile.TemporaryDirectory(prefix="curate-ingest-") as tmp:
+        store = Store(tmp)
+        key = source_key(spec, base_dir)
+        info = ingest_source(spec, base_dir, store, key)
+        parts = [store.read_part(key, i) for i in range(info.n_parts)]
+        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        rejects = [pq.read_table(path) for i in range(info.n_parts) for path in store.reject_files(key, i).values()]
+        rejected = pa.concat_tables(rejects, promote_options="permissive") if rejects else None
+    return Ingested(table=table, rejected=rejected, fingerprint=key)

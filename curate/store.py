@@ -167,6 +167,10 @@ class Store:
             committed.add(index)
             return True
 
+    def summary_path(self, key: str, index: int) -> str:
+        """A global stage's first-pass summary of one part. Example: store.summary_path("cd34", 0)"""
+        return os.path.join(self.key_dir(key), "summaries", part_name(index))
+
     def request_log_path(self, key: str, index: int) -> str:
         """The finished-request log of one part while it is not committed (`curate.requests`)."""
         return os.path.join(self.key_dir(key), "requests", f"part-{index:05d}.jsonl")

@@ -291,11 +291,38 @@ def run_part(task: PartTask) -> PartResult:
     return write_attempt(compute_part(task))
 
 
+@dataclass(frozen=True)
+class SummaryTask:
+    """First pass of a global stage's fit over one input part. Example: summarize_part(SummaryTask(...))"""
+
+    root: str
+    stage: StageTask
+    parent_key: str
+    index: int
+    columns: tuple[str, ...]  # the fit columns, in the table's names
+
+
+def summarize_part(task: SummaryTask) -> str:
+    """Read the fit columns of one part, reduce them with the stage's `summarize`, store the summary.
+
+    Returns the summary file's path (under the stage key), which the driver's `fit` reads.
+    Example: summarize_part(task) -> 'out/q/parts/<stage key>/summaries/part-00000.parquet'
+    """
+    store = Store(task.root)
+    planned = task.stage.build()
+    into = rename_in(planned.bound)
+    part = store.read_part(task.parent_key, task.index, list(task.columns))
+    part = part.rename_columns([into.get(n, n) for n in part.column_names]) if into else part
+    path = store.summary_path(planned.key, task.index)
+    write_parquet_atomic(planned.bound.stage.summarize(part), path)
+    return path
+
+
 def segment_tasks(root: str, segment: Segment, indexes: list[int], state_key: str | None) -> list[PartTask]:
     """The tasks of the given parts of a segment. Example: segment_tasks("out/q", seg, [0, 1], None)"""
     stages = tuple(StageTask.of(p) for p in segment.stages)
     return [PartTask(root, segment.key, segment.parent_key, i, stages, state_key) for i in indexes]
 
 
-__all__ = ["Computed", "PartResult", "PartTask", "StageTask", "adopt_planned", "close_stages", "compute_part",
+__all__ = ["Computed", "PartResult", "PartTask", "StageTask", "SummaryTask", "summarize_part", "adopt_planned", "close_stages", "compute_part",
            "open_stage", "run_part", "run_stage", "segment_tasks", "write_attempt"]

@@ -75,8 +75,17 @@ class ExactDedup(Stage):
     def fit_columns(self, schema: pa.Schema) -> list[str]:
         return list(self._columns())
 
+    def summarize(self, part: pa.Table) -> pa.Table:
+        """The smallest id of each distinct key within the part: (key, id_min)."""
+        keyed = pa.table({"id": part.column("id"), "key": dedup_keys(part, self.params.level, self.params.normalize)})
+        return keyed.group_by("key").aggregate([("id", "min")])
+
     def fit(self, tables: Iterable[pa.Table]) -> pa.Table:
-        return first_ids(tables, self.params.level, self.params.normalize)
+        summaries = list(tables)
+        if not summaries:
+            return pa.table({"id": pa.array([], pa.string())})
+        winners = pa.concat_tables(summaries).group_by("key").aggregate([("id_min", "min")])
+        return pa.table({"id": winners.column("id_min_min")})
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> Verdict:
         keep, reason = keep_all(table.num_rows)

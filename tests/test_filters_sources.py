@@ -49,8 +49,8 @@ def test_dedup_keeps_the_smallest_id_whatever_the_sharding():
     t = _pairs(["Hello  World", "hello world", "other", "HELLO WORLD"], ["a"] * 4, ["b"] * 4)
     t = t.set_column(0, "id", pa.array(["z", "b", "c", "a"]))
     stage = ExactDedup(DedupParams(level="prompt"))
-    whole = stage.fit([t])
-    sharded = stage.fit([t.slice(0, 1), t.slice(1, 2), t.slice(3)])
+    whole = stage.fit([stage.summarize(t)])  # two passes: a summary per part, combined on the driver
+    sharded = stage.fit(stage.summarize(p) for p in [t.slice(0, 1), t.slice(1, 2), t.slice(3)])
     assert sorted(whole.column("id").to_pylist()) == sorted(sharded.column("id").to_pylist()) == ["a", "c"]
     v = stage.apply(t, whole)
     assert v.reason.to_pylist() == ["duplicate_prompt", "duplicate_prompt", None, None]

@@ -11,9 +11,8 @@ Example: encode_pair(tokenizer, [{"role": "user", "content": "hi"}], "hello") ->
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
