@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import base64
 import json
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 import logging
 import os
 import shutil
@@ -43,12 +45,13 @@ from curate.errors import InputError
 from curate.plan import SourceInfo
 from curate.reading import PREVIEW_ROWS, Chunk, selected_chunks, source_key
 from curate.sources import SourceSpec, _parse_hh, _row_ids, normalize
-from curate.store import Store, write_parquet_atomic, write_text_atomic
+from curate.store import ARROW_SUFFIX, Store, fsync_file, read_table_file, write_arrow_atomic, write_parquet_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 SOURCE_ID = "source"
 ID_BUCKETS = 64  # spill files of the id repeat check (each holds ~1/64 of the ids)
+WRITERS = 2  # threads writing staged parts (at most this many parts wait in memory besides the one being filled)
 
 
 # Ids, parsing, normalising one chunk --------------------------------------------------------------
@@ -115,14 +118,23 @@ class _IdSpill:
 
     def add(self, ids: pa.Array, positions: np.ndarray, part: np.ndarray, offset: np.ndarray, reject: np.ndarray) -> None:
         buckets = pl.from_arrow(ids).hash(seed=0).to_numpy() % ID_BUCKETS
+        order = np.argsort(buckets, kind="stable")
         batch = pa.record_batch([ids, pa.array(positions, pa.int64()), pa.array(part, pa.int32()),
                                  pa.array(offset, pa.int32()), pa.array(reject, pa.bool_())], schema=self.SCHEMA)
-        for bucket in np.unique(buckets):
-            writer = self.writers.get(int(bucket))
-            if writer is None:
-                sink = pa.OSFile(os.path.join(self.folder, f"{bucket:03d}.arrow"), "wb")
-                writer = self.writers[int(bucket)] = ipc.new_stream(sink, self.SCHEMA)
-            writer.write_batch(batch.filter(pa.array(buckets == bucket)))
+        batch = batch.take(pa.array(order))  # grouped by bucket: each bucket is one slice
+        ends = np.cumsum(np.bincount(buckets, minlength=ID_BUCKETS))
+        start = 0
+        for bucket, end in enumerate(ends):
+            if end > start:
+                self._writer(bucket).write_batch(batch.slice(start, end - start))
+            start = end
+
+    def _writer(self, bucket: int) -> ipc.RecordBatchStreamWriter:
+        writer = self.writers.get(bucket)
+        if writer is None:
+            sink = pa.OSFile(os.path.join(self.folder, f"{bucket:03d}.arrow"), "wb")
+            writer = self.writers[bucket] = ipc.new_stream(sink, self.SCHEMA)
+        return writer
 
     def buckets(self) -> Iterator[pl.DataFrame]:
         for writer in self.writers.values():
@@ -167,7 +179,8 @@ class _Staging:
     rejected: int = 0
 
     def part_path(self, index: int, reject: bool = False) -> str:
-        return os.path.join(self.folder, "rejects" if reject else "data", f"{index:05d}.parquet")
+        """Staged rejects are Parquet (published as they are); staged parts Arrow IPC (read back by every task)."""
+        return os.path.join(self.folder, "rejects" if reject else "data", f"{index:05d}" + (".parquet" if reject else ARROW_SUFFIX))
 
 
 def _where_in(origins: list[tuple[int, Chunk]]):
@@ -214,6 +227,8 @@ class _Parts:
         self.rejects: dict[int, list[pa.Table]] = {}
         self.reject_rows: Counter[int] = Counter()
         self.schemas: dict[int, pa.Schema] = {}
+        self.pool = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="curate-ingest")
+        self.writes: deque[Future] = deque()  # parts are written while the next chunk is read
 
     @property
     def filling(self) -> int:
@@ -244,7 +259,9 @@ class _Parts:
             table = pa.concat_tables(self.buffer, promote_options="permissive") if len(self.buffer) > 1 else self.buffer[0]
             part, rest = table.slice(0, size), table.slice(size)
             index = self.staging.parts
-            write_parquet_atomic(part, self.staging.part_path(index))
+            self.writes.append(self.pool.submit(write_arrow_atomic, part, self.staging.part_path(index)))
+            while len(self.writes) > WRITERS:  # bounded memory: wait for the oldest write
+                self.writes.popleft().result()
             self.schemas[index] = part.schema
             self.staging.parts += 1
             self.staging.rows += part.num_rows
@@ -254,6 +271,11 @@ class _Parts:
     def close(self) -> dict[tuple[bool, int], tuple[int, int]]:
         """Write the last part; rejects after the last kept row join the last part's file. Returns their remap."""
         self.flush(final=True)
+        try:
+            for write in self.writes:
+                write.result()
+        finally:
+            self.pool.shutdown()
         remap = {}
         last = max(self.staging.parts - 1, 0)
         for index in sorted(self.rejects):
@@ -324,10 +346,10 @@ def _finish_parts(staging: _Staging, schemas: dict[int, pa.Schema], fixes: dict[
         fix = fixes.get((False, index))
         if fix is None and part_schema.equals(schema):
             continue
-        table = pq.read_table(staging.part_path(index))
+        table = read_table_file(staging.part_path(index))
         if fix:
             table = _apply_fixes(table, fix)
-        write_parquet_atomic(_cast_to(table, schema), staging.part_path(index))
+        write_arrow_atomic(_cast_to(table, schema), staging.part_path(index))
     for (reject, index), fix in fixes.items():
         if reject:
             path = staging.part_path(index, reject=True)
@@ -356,7 +378,9 @@ def _commit_source(store: Store, key: str, staging: _Staging, info: SourceInfo) 
         files = {"data": staging.part_path(index)}
         reject = staging.part_path(index, reject=True)
         rejects = {SOURCE_ID: reject} if os.path.exists(reject) else {}
-        rows = pq.read_metadata(files["data"]).num_rows
+        for path in [files["data"], *rejects.values()]:
+            fsync_file(path)  # on disk before the manifest names it
+        rows = min(staging.part_rows, info.rows - index * staging.part_rows)
         dropped = dict(Counter(pq.read_table(reject, columns=[REASON]).column(REASON).to_pylist())) if rejects else {}
         store.commit_files(key, index, files["data"], rejects,
                            {"rows_in": rows + sum(dropped.values()), "rows_out": rows, "dropped": dropped})

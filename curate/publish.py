@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 
+import pyarrow.parquet as pq
+
 from curate.ingest import SOURCE_ID
 from curate.plan import Plan
 from curate.record import STATES_DIR
-from curate.store import Store, part_name
+from curate.store import Store, part_name, read_table_file
 
 
 def _link(src: str, dst: str) -> None:
@@ -66,7 +68,12 @@ def publish(plan: Plan, store: Store, out_dir: str) -> None:
     last = plan.segments[-1].key
     tmp = _fresh(out_dir, "data")
     for i in range(n):
-        _link(store.part_path(last, i), os.path.join(tmp, f"train-{i:05d}-of-{n:05d}.parquet"))
+        shard = os.path.join(tmp, f"train-{i:05d}-of-{n:05d}.parquet")
+        part = store.part_file(last, i)
+        if part.endswith(".parquet"):
+            _link(part, shard)
+        else:  # a pipeline without stages publishes its source parts, stored as Arrow IPC
+            pq.write_table(read_table_file(part), shard)
     _swap_dir(tmp, os.path.join(out_dir, "data"))
     tmp = _fresh(out_dir, "rejects")
     for i in range(n):

@@ -206,8 +206,8 @@ def _run_locked(pipeline: Pipeline, out_dir: str, refresh: list[str] | None, sta
     plan = build_plan(pipeline, _ingest(pipeline, store, run_log))
     write_text_atomic(json.dumps(plan.to_json(), indent=2), os.path.join(out_dir, PLAN_FILE))
     write_text_atomic(pipeline.text, os.path.join(out_dir, PIPELINE_FILE))
+    executor.prepare(plan.stages, store.root)
     try:
-        executor.prepare(plan.stages, store.root)
         for segment in plan.segments:
             if segment.stages:
                 run_segment(plan, store, segment, executor, run_log)

@@ -26,9 +26,13 @@ import uuid
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
+
+ARROW_SUFFIX = ".arrow"
+IPC_COMPRESSION = "lz4"
 
 
 def fsync_file(path: str) -> None:
@@ -67,6 +71,35 @@ def write_parquet_atomic(table: pa.Table, path: str, durable: bool = False) -> N
     os.replace(tmp, path)
 
 
+def write_arrow_atomic(table: pa.Table, path: str, durable: bool = False) -> None:
+    """Write an Arrow IPC file (LZ4) under a temporary name, then rename it into place.
+
+    The source's stored parts use this: writing is close to a copy, reading is a memory map, where
+    a Parquet round trip costs as much as the whole no-op run (benchmarks/bench_executor.py).
+    Example: write_arrow_atomic(t, "out/q/parts/ab/part-00000.arrow")
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with pa.OSFile(tmp, "wb") as sink:
+        with ipc.new_file(sink, table.schema, options=ipc.IpcWriteOptions(compression=IPC_COMPRESSION)) as writer:
+            writer.write_table(table)
+    if durable:
+        fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+def read_table_file(path: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet or Arrow IPC file (by its suffix), optionally only some columns.
+
+    Example: read_table_file("out/q/parts/ab/part-00000.arrow", ["id"])
+    """
+    if path.endswith(ARROW_SUFFIX):
+        with pa.memory_map(path) as source:
+            table = ipc.open_file(source).read_all()
+        return table.select(columns) if columns is not None else table
+    return pq.read_table(path, columns=columns)
+
+
 def write_text_atomic(text: str, path: str) -> None:
     """Write a text file under a temporary name, fsync it, then rename it into place.
 
@@ -96,14 +129,22 @@ class Store:
         self.root = root
         self._manifest_lock = threading.Lock()  # the driver may commit from a helper thread
         self._committed: dict[str, set[int]] = {}  # parts this writer knows are in each manifest
+        self._files: dict[str, dict[int, str]] = {}  # part file names from the manifests
 
     def key_dir(self, key: str) -> str:
         """Folder of one key. Example: store.key_dir("ab12") -> 'out/q/parts/ab12'"""
         return os.path.join(self.root, "parts", key)
 
-    def part_path(self, key: str, index: int) -> str:
-        """Path of a part file. Example: store.part_path("ab12", 0)"""
-        return os.path.join(self.key_dir(key), part_name(index))
+    def part_path(self, key: str, index: int, suffix: str = ".parquet") -> str:
+        """Where a part file goes (`suffix`: .parquet, or .arrow for the source). Example: store.part_path("ab12", 0)"""
+        return os.path.join(self.key_dir(key), part_name(index).replace(".parquet", suffix))
+
+    def part_file(self, key: str, index: int) -> str:
+        """The committed file of a part, as its manifest line names it. Example: store.part_file("ab12", 0)"""
+        names = self._files.get(key)
+        if names is None or index not in names:  # manifest lines never change once written: cache them
+            names = self._files[key] = {i: r.get("file", part_name(i)) for i, r in self.finished(key).items()}
+        return os.path.join(self.key_dir(key), names.get(index, part_name(index)))
 
     def reject_path(self, key: str, stage_key: str, index: int) -> str:
         """Path of one stage's rejects for a part. Example: store.reject_path("ab12", "cd34", 0)"""
@@ -123,7 +164,10 @@ class Store:
                         record = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a line cut short by a crash: that part is recomputed
-                    if isinstance(record, dict) and os.path.exists(self.part_path(key, record.get("part", -1))):
+                    if not isinstance(record, dict) or not isinstance(record.get("part"), int):
+                        continue
+                    name = record.get("file", part_name(record["part"]))
+                    if os.path.exists(os.path.join(self.key_dir(key), name)):
                         records[record["part"]] = record
         except FileNotFoundError:
             pass
@@ -157,9 +201,11 @@ class Store:
                 os.replace(path, target)
                 fsync_dir(os.path.dirname(target))
                 listed[stage_key] = os.path.relpath(target, folder)
-            os.replace(data, self.part_path(key, index))
+            target = self.part_path(key, index, os.path.splitext(data)[1])
+            os.replace(data, target)
             fsync_dir(folder)
-            line = json.dumps({"part": index, "rejects": listed, **record}, sort_keys=True) + "\n"
+            line = json.dumps({"part": index, "file": os.path.basename(target), "rejects": listed, **record},
+                              sort_keys=True) + "\n"
             with open(os.path.join(folder, "manifest.jsonl"), "a", encoding="utf-8") as f:
                 f.write(line)
                 f.flush()
@@ -185,7 +231,7 @@ class Store:
 
     def read_part(self, key: str, index: int, columns: list[str] | None = None) -> pa.Table:
         """Read a committed part (optionally only some columns). Example: store.read_part("ab12", 0)"""
-        return pq.read_table(self.part_path(key, index), columns=columns)
+        return read_table_file(self.part_file(key, index), columns)
 
     def state_path(self, key: str) -> str:
         """Path of a global stage's fitted state. Example: store.state_path("ab12")"""
@@ -203,4 +249,5 @@ class Store:
     def forget(self, key: str) -> None:
         """Remove everything stored under a key (used by --refresh). Example: store.forget("ab12")"""
         self._committed.pop(key, None)
+        self._files.pop(key, None)
         shutil.rmtree(self.key_dir(key), ignore_errors=True)
