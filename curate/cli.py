@@ -1,7 +1,7 @@
 """The `curate` command line: a thin layer over `curate.config`, `curate.plan` and `curate.runner`.
 
 Errors meant for the user print as one line (`error: file:line: message`) with a non-zero exit
-code and no traceback; `--debug` shows the traceback. Leaves out: `push` and the report (later issues).
+code and no traceback; `--debug` shows the traceback. Leaves out: the report (a later issue).
 
 Example: curate run pipelines/quickstart.yaml --out out/quickstart
 """
@@ -62,11 +62,25 @@ def main(debug: bool, quiet: bool) -> None:
 
 
 @main.command()
-@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.argument("pipeline", type=click.Path())
 @OVERRIDE
+@click.option("--trl", "trl", is_flag=True,
+              help="Instead: check a run folder's (or Parquet folder's) rows against TRL's conversational preference form.")
 @_user_errors
-def validate(pipeline: str, overrides: tuple[str, ...]) -> None:
-    """Check a pipeline file and its stage chain against the source's columns; load no model."""
+def validate(pipeline: str, overrides: tuple[str, ...], trl: bool) -> None:
+    """Check a pipeline file and its stage chain against the source's columns; load no model.
+
+    With --trl, PIPELINE is a run folder: check every shard's rows against TRL's explicit-prompt
+    conversational preference form and name the first rows that break it.
+    """
+    if trl:
+        from curate.trl_check import check_trl
+
+        report = check_trl(pipeline)
+        click.echo(report.summary())
+        if not report.ok:
+            sys.exit(1)
+        return
     from curate.config import load_pipeline
     from curate.plan import build_plan
     from curate.runner import SourceParts
