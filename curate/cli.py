@@ -157,6 +157,36 @@ def run(pipeline: str, out: str | None, refresh: tuple[str, ...], overrides: tup
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--repo", "repo_id", required=True, metavar="OWNER/NAME", help="Dataset repo on the Hub (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", default=None, metavar="BRANCH", help="Push to this branch (created from main if missing).")
+@click.option("--config-name", default=None, metavar="NAME", help="Push as this config (shards under NAME/; default: data/).")
+@click.option("--dry-run", is_flag=True, help="List what would be sent, skipped and deleted; change nothing.")
+@click.option("--commit-files", default=50, show_default=True, help="Files per commit (shards are committed in batches).")
+@_user_errors
+def push(run_dir: str, repo_id: str, private: bool, revision: str | None, config_name: str | None, dry_run: bool,
+         commit_files: int) -> None:
+    """Push a run folder (shards, dataset card, pipeline.yaml, plan.json, stats.json) to a Hub dataset repo.
+
+    The token comes from HF_TOKEN or `hf auth login`. Files already on the Hub with the same
+    content are skipped, so an interrupted push resumes and a repeated push sends nothing.
+    """
+    from curate.hub import push_run
+
+    plan = push_run(run_dir, repo_id, private=private, revision=revision, config_name=config_name,
+                    dry_run=dry_run, commit_files=commit_files)
+    verb = "would send" if dry_run else "sent"
+    for item in plan.files:
+        click.echo(f"  {(verb if item.send else 'unchanged'):10s} {item.path_in_repo} ({item.size:,} bytes)")
+    for path in plan.deletes:
+        click.echo(f"  {'would delete' if dry_run else 'deleted':10s} {path} (stale shard)")
+    where = f"{repo_id}" + (f"@{revision}" if revision else "")
+    click.echo(f"{where}: {verb} {len(plan.to_send)} file(s), {len(plan.skipped)} unchanged, "
+               f"{len(plan.deletes)} deleted" + ("" if dry_run else f", in {len(plan.commits)} commit(s)"))
+
+
+@main.command()
 def stages() -> None:
     """List the registered stages (built-in and from the `curate.stages` entry points)."""
     from curate.registry import available
