@@ -133,6 +133,10 @@ def _inline(mapping: dict[str, Any]) -> str:
     return ", ".join(parts) or "none"
 
 
+def _codes(items: list[str]) -> str:
+    return ", ".join(f"`{item}`" for item in items)
+
+
 def _fenced(text: str, lang: str = "") -> str:
     """A fenced code block whose fence is longer than any run of backticks inside `text`."""
     longest, run_ = 0, 0
@@ -158,7 +162,8 @@ def _environment():
 
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined, autoescape=False)
-    env.filters.update(num=_num, pct=_pct, counts=_counts, inline=_inline, fenced=_fenced, yaml_block=_yaml_block, cell=_cell)
+    env.filters.update(num=_num, pct=_pct, counts=_counts, inline=_inline, fenced=_fenced, yaml_block=_yaml_block,
+                       cell=_cell, codes=_codes)
     return env
 
 

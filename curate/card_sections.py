@@ -179,7 +179,8 @@ def column_statistics(files: list[str], schema: pa.Schema) -> list[dict[str, Any
     out = []
     for name in columns:
         data = np.concatenate(values[name]) if values[name] else np.array([])
-        row: dict[str, Any] = {"column": name, "count": int(data.size), "missing": missing[name]}
+        row: dict[str, Any] = {"column": name, "count": int(data.size), "missing": missing[name],
+                               **dict.fromkeys(("min", "p25", "median", "mean", "p75", "max"))}
         if data.size:
             q = np.quantile(data, [0.0, 0.25, 0.5, 0.75, 1.0])
             row.update(min=q[0], p25=q[1], median=q[2], mean=float(data.mean()), p75=q[3], max=q[4])
@@ -208,22 +209,18 @@ def length_bias(files: list[str]) -> dict[str, Any] | None:
     A share far above one half means a model trained on these pairs can learn "longer is better".
     Example: length_bias(files) -> {'pairs': 19, 'chosen_longer': 12, 'share_longer': 0.63, ...}
     """
+    if not files or not {"chosen", "rejected"} <= set(pq.read_schema(files[0]).names):
+        return None
     longer = shorter = equal = 0
     chosen_total = rejected_total = 0
-    seen_columns = False
     for batch in _batches(files, ["chosen", "rejected"]):
-        if batch.schema.names != ["chosen", "rejected"]:
-            continue
-        seen_columns = True
-        chosen, rejected = text_lengths(batch.column(0)), text_lengths(batch.column(1))
+        chosen, rejected = text_lengths(batch.column("chosen")), text_lengths(batch.column("rejected"))
         longer += int((chosen > rejected).sum())
         shorter += int((chosen < rejected).sum())
         equal += int((chosen == rejected).sum())
         chosen_total += int(chosen.sum())
         rejected_total += int(rejected.sum())
     pairs = longer + shorter + equal
-    if not seen_columns:
-        return None
     return {"pairs": pairs, "chosen_longer": longer, "chosen_shorter": shorter, "equal": equal,
             "share_longer": longer / pairs if pairs else None,
             "chosen_mean_chars": chosen_total / pairs if pairs else None,
