@@ -174,6 +174,8 @@ def push(run_dir: str, repo_id: str, private: bool, revision: str | None, config
     """
     from curate.hub import push_run
 
+    if not click.get_current_context().find_root().params.get("debug"):
+        logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
     plan = push_run(run_dir, repo_id, private=private, revision=revision, config_name=config_name,
                     dry_run=dry_run, commit_files=commit_files)
     verb = "would send" if dry_run else "sent"
@@ -182,8 +184,9 @@ def push(run_dir: str, repo_id: str, private: bool, revision: str | None, config
     for path in plan.deletes:
         click.echo(f"  {'would delete' if dry_run else 'deleted':10s} {path} (stale shard)")
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
-    click.echo(f"{where}: {verb} {len(plan.to_send)} file(s), {len(plan.skipped)} unchanged, "
-               f"{len(plan.deletes)} deleted" + ("" if dry_run else f", in {len(plan.commits)} commit(s)"))
+    deleted = f"{len(plan.deletes)} {'to delete' if dry_run else 'deleted'}"
+    click.echo(f"{where}: {verb} {len(plan.to_send)} file(s), {len(plan.skipped)} unchanged, {deleted}"
+               + ("" if dry_run else f", in {len(plan.commits)} commit(s)"))
 
 
 @main.command()

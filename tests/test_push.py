@@ -206,6 +206,15 @@ def test_config_name_and_revision_go_to_their_folder_and_branch_and_merge_the_ca
     assert len(requests_to(hub, "/lfs-upload/")) == 3
 
 
+def test_private_creates_a_private_repo_and_warns_on_an_existing_public_one(hub, tmp_path, run_dir):
+    assert push(hub, tmp_path, run_dir, "--private").returncode == 0
+    assert hub.repos[REPO].private
+    hub.repos[REPO].private = False
+    again = push(hub, tmp_path, run_dir, "--private", debug=False)
+    assert again.returncode == 0
+    assert f"{REPO} already exists and is public: --private only applies to a new repo" in again.stderr
+
+
 def test_dry_run_lists_and_changes_nothing(hub, tmp_path, run_dir):
     dry = push(hub, tmp_path, run_dir, "--dry-run")
     assert dry.returncode == 0, dry.stderr[-3000:]
