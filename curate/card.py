@@ -31,7 +31,8 @@ DEFAULT_CONFIG = "default"
 SPLIT = "train"
 LOCAL_REF = "path/to/this/folder"  # what the card's snippets load before the dataset has a repo id
 SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
-                   (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
+                   (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"),
+                   (10**10, "1B<n<10B"), (10**11, "10B<n<100B"), (10**12, "100B<n<1T")]
 
 
 def size_category(rows: int) -> str:
@@ -39,7 +40,7 @@ def size_category(rows: int) -> str:
     for limit, name in SIZE_CATEGORIES:
         if rows < limit:
             return name
-    return "n>1B"
+    return "n>1T"
 
 
 def data_pattern(data_dir: str) -> str:

@@ -156,7 +156,7 @@ def test_section_helpers_on_hand_made_values(tmp_path):
     turns = pa.array([[{"role": "assistant", "content": "abc"}, {"role": "assistant", "content": None}], [], None], MESSAGES)
     assert text_lengths(turns).tolist() == [3, 0, 0]
     assert text_lengths(pa.array(["héllo", None])).tolist() == [5, 0]
-    assert [size_category(n) for n in (0, 999, 1000, 2_500_000)] == ["n<1K", "n<1K", "1K<n<10K", "1M<n<10M"]
+    assert [size_category(n) for n in (0, 999, 1000, 2_500_000, 3 * 10**12)] == ["n<1K", "n<1K", "1K<n<10K", "1M<n<10M", "n>1T"]
 
 
 def test_push_renders_the_same_card_with_the_repo_id(scored_run):
