@@ -1,7 +1,7 @@
 """The `curate` command line: a thin layer over `curate.config`, `curate.plan` and `curate.runner`.
 
 Errors meant for the user print as one line (`error: file:line: message`) with a non-zero exit
-code and no traceback; `--debug` shows the traceback. Leaves out: `push` and the report (later issues).
+code and no traceback; `--debug` shows the traceback. Leaves out: the report (a later issue).
 
 Example: curate run pipelines/quickstart.yaml --out out/quickstart
 """
@@ -66,11 +66,25 @@ def main(debug: bool, quiet: bool) -> None:
 
 
 @main.command()
-@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.argument("pipeline", type=click.Path())
 @OVERRIDE
+@click.option("--trl", "trl", is_flag=True,
+              help="Instead: check a run folder's (or Parquet folder's) rows against TRL's conversational preference form.")
 @_user_errors
-def validate(pipeline: str, overrides: tuple[str, ...]) -> None:
-    """Check a pipeline file and its stage chain against the source's columns; load no model."""
+def validate(pipeline: str, overrides: tuple[str, ...], trl: bool) -> None:
+    """Check a pipeline file and its stage chain against the source's columns; load no model.
+
+    With --trl, PIPELINE is a run folder: check every shard's rows against TRL's explicit-prompt
+    conversational preference form and name the first rows that break it.
+    """
+    if trl:
+        from curate.trl_check import check_trl
+
+        report = check_trl(pipeline)
+        click.echo(report.summary())
+        if not report.ok:
+            sys.exit(1)
+        return
     from curate.config import load_pipeline
     from curate.runner import make_plan
 
@@ -154,6 +168,39 @@ def run(pipeline: str, out: str | None, refresh: tuple[str, ...], executor: str 
     stats = run_pipeline(spec, out, list(refresh), executor=runner)
     click.echo(f"{stats['rows_out']} rows written to {out or spec.spec.output}/data "
                f"({stats['rows_in']} in; dropped: {stats['dropped'] or 'none'})")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--repo", "repo_id", required=True, metavar="OWNER/NAME", help="Dataset repo on the Hub (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", default=None, metavar="BRANCH", help="Push to this branch (created from main if missing).")
+@click.option("--config-name", default=None, metavar="NAME", help="Push as this config (shards under NAME/; default: data/).")
+@click.option("--dry-run", is_flag=True, help="List what would be sent, skipped and deleted; change nothing.")
+@click.option("--commit-files", default=50, show_default=True, help="Files per commit (shards are committed in batches).")
+@_user_errors
+def push(run_dir: str, repo_id: str, private: bool, revision: str | None, config_name: str | None, dry_run: bool,
+         commit_files: int) -> None:
+    """Push a run folder (shards, dataset card, pipeline.yaml, plan.json, stats.json) to a Hub dataset repo.
+
+    The token comes from HF_TOKEN or `hf auth login`. Files already on the Hub with the same
+    content are skipped, so an interrupted push resumes and a repeated push sends nothing.
+    """
+    from curate.hub import push_run
+
+    if not click.get_current_context().find_root().params.get("debug"):
+        logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
+    plan = push_run(run_dir, repo_id, private=private, revision=revision, config_name=config_name,
+                    dry_run=dry_run, commit_files=commit_files)
+    verb = "would send" if dry_run else "sent"
+    for item in plan.files:
+        click.echo(f"  {(verb if item.send else 'unchanged'):10s} {item.path_in_repo} ({item.size:,} bytes)")
+    for path in plan.deletes:
+        click.echo(f"  {'would delete' if dry_run else 'deleted':10s} {path} (stale shard)")
+    where = f"{repo_id}" + (f"@{revision}" if revision else "")
+    deleted = f"{len(plan.deletes)} {'to delete' if dry_run else 'deleted'}"
+    click.echo(f"{where}: {verb} {len(plan.to_send)} file(s), {len(plan.skipped)} unchanged, {deleted}"
+               + ("" if dry_run else f", in {len(plan.commits)} commit(s)"))
 
 
 @main.command()

@@ -60,6 +60,7 @@ class PipelineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str | None = Field(None, description="pipeline name, used in logs and the dataset card")
     description: str | None = None
+    license: str | None = Field(None, description="licence of the published dataset (Hub id, e.g. mit, cc-by-4.0), for the dataset card")
     source: SourceSpec
     stages: list[StageSpec] = Field(default_factory=list)
     output: str | None = Field(None, description="output folder (relative to the current directory)")

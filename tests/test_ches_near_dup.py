@@ -144,23 +144,6 @@ def test_ches_select_returns_the_callers_frame_type():
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> str:
-    """A 2-layer random Llama (d=64) with SmolLM2's tokenizer and chat template."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from curate.models import resolve_model
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny-llama-ches")
-    LlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path).save_pretrained(path)
-    return str(path)
-
-
 def _pairs(rows: list[tuple[list[dict], str | None, str | None]]) -> pa.Table:
     return pa.table({
         "id": [f"p{i}" for i in range(len(rows))],
