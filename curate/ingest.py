@@ -6,8 +6,9 @@ memory-mapped Arrow files), applies `limit` / `sample`, assigns ids, parses HH d
 normalises each chunk to the data contract (`curate.sources.normalize`) and writes parts of
 exactly `part_rows` rows. Peak memory is bounded by a part plus one read chunk, whatever the
 size of the source:
-- Id repeats are found by spilling `(id, position, part, offset)` of every row into
-  `ID_BUCKETS` files by a hash of the id, then checking one bucket at a time; content-hash ids
+- Id repeats are found from `(id, position, part, offset)` of every row, held in memory up to
+  SPILL_BYTES and beyond that spilled into `ID_BUCKETS` files by a hash of the id, then checked
+  one bucket at a time; content-hash ids
   that repeat get `-2`, `-3` suffixes in source order (as `sources._row_ids` gives), given ids
   that repeat are an error naming both rows. The few parts that hold a repeat are rewritten.
 - Chunks of a JSONL file can infer different types for one column (all null in one block):
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 SOURCE_ID = "source"
 ID_BUCKETS = 64  # spill files of the id repeat check (each holds ~1/64 of the ids)
+SPILL_BYTES = 64 << 20  # ids held in memory before the repeat check spills them to bucket files
 WRITERS = 2  # threads writing staged parts (at most this many parts wait in memory besides the one being filled)
 
 
@@ -106,22 +108,31 @@ def prepare_chunk(spec: SourceSpec, chunk: Chunk, positions: np.ndarray) -> Prep
 
 
 class _IdSpill:
-    """(id, position, part, offset, is_reject) of every row, spilled to ID_BUCKETS files by id hash."""
+    """(id, position, part, offset, is_reject) of every row: held in memory up to SPILL_BYTES, then
+    spilled to ID_BUCKETS files by a hash of the id, so the repeat check holds one bucket at a time."""
 
     SCHEMA = pa.schema([("id", pa.string()), ("pos", pa.int64()), ("part", pa.int32()), ("offset", pa.int32()),
                         ("reject", pa.bool_())])
 
     def __init__(self, folder: str):
         self.folder = folder
-        os.makedirs(folder, exist_ok=True)
+        self.held: list[pa.RecordBatch] = []
+        self.held_bytes = 0
         self.writers: dict[int, ipc.RecordBatchStreamWriter] = {}
 
     def add(self, ids: pa.Array, positions: np.ndarray, part: np.ndarray, offset: np.ndarray, reject: np.ndarray) -> None:
-        buckets = pl.from_arrow(ids).hash(seed=0).to_numpy() % ID_BUCKETS
-        order = np.argsort(buckets, kind="stable")
         batch = pa.record_batch([ids, pa.array(positions, pa.int64()), pa.array(part, pa.int32()),
                                  pa.array(offset, pa.int32()), pa.array(reject, pa.bool_())], schema=self.SCHEMA)
-        batch = batch.take(pa.array(order))  # grouped by bucket: each bucket is one slice
+        self.held.append(batch)
+        self.held_bytes += batch.nbytes
+        if self.held_bytes > SPILL_BYTES:
+            for held in self.held:
+                self._spill(held)
+            self.held, self.held_bytes = [], 0
+
+    def _spill(self, batch: pa.RecordBatch) -> None:
+        buckets = pl.from_arrow(batch.column(0)).hash(seed=0).to_numpy() % ID_BUCKETS
+        batch = batch.take(pa.array(np.argsort(buckets, kind="stable")))  # grouped by bucket: one slice each
         ends = np.cumsum(np.bincount(buckets, minlength=ID_BUCKETS))
         start = 0
         for bucket, end in enumerate(ends):
@@ -132,11 +143,20 @@ class _IdSpill:
     def _writer(self, bucket: int) -> ipc.RecordBatchStreamWriter:
         writer = self.writers.get(bucket)
         if writer is None:
+            os.makedirs(self.folder, exist_ok=True)
             sink = pa.OSFile(os.path.join(self.folder, f"{bucket:03d}.arrow"), "wb")
             writer = self.writers[bucket] = ipc.new_stream(sink, self.SCHEMA)
         return writer
 
     def buckets(self) -> Iterator[pl.DataFrame]:
+        """Every row's record, one bucket at a time (everything at once when nothing was spilled)."""
+        if not self.writers:
+            if self.held:
+                yield pl.from_arrow(pa.Table.from_batches(self.held, self.SCHEMA))
+            return
+        for held in self.held:
+            self._spill(held)
+        self.held = []
         for writer in self.writers.values():
             writer.close()
         for bucket in sorted(self.writers):

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-TOPICS = ["rain", "chess", "bread", "rivers", "owls", "glass", "tides", "maps"]
+TOPICS = ["rain", "chess", "bread", "rivers", "owls", "glass", "tides", "maps"]  # x4: 32 prompts
 PIPELINE = """
 name: resume
 source: {path: prompts.jsonl}
@@ -24,13 +24,13 @@ stages:
   - stage: generators.responses
     id: gen
     params: {model: smollm2-135m-instruct, dtype: bfloat16, max_model_len: 1024,
-             generation: {max_tokens: 160, n: 2, temperature: 0.8, top_p: 0.95}}
+             generation: {max_tokens: 96, n: 2, temperature: 0.8, top_p: 0.95}}
 """
 
 
 def _prompts(path: Path) -> int:
     rows = []
-    for i, topic in enumerate(TOPICS * 6):
+    for i, topic in enumerate(TOPICS * 4):
         ask = f"Answer in one word: what colour is {topic}?" if i % 2 else f"Write a long, detailed essay about {topic}."
         rows.append({"id": f"q{i:02d}", "prompt": ask})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -61,6 +61,8 @@ def test_sigkill_mid_stage_then_resume_redoes_at_most_a_tenth_of_finished_reques
     finished = _logged(tmp_path / "killed")
     assert finished < total, "the stage finished before the kill"
     assert not (tmp_path / "killed" / "data").exists()  # nothing was published: the kill was mid-stage
+    logged = {c["text"] for p in (tmp_path / "killed").glob("parts/*/requests/part-*.jsonl")
+              for line in p.read_text().splitlines() for c in json.loads(line)["completions"]}
 
     again = _start(tmp_path, "killed")
     assert again.wait(timeout=900) == 0, again.stderr.read().decode()[-2000:]
@@ -73,10 +75,11 @@ def test_sigkill_mid_stage_then_resume_redoes_at_most_a_tenth_of_finished_reques
     assert redone <= 0.1 * finished
     assert not list((tmp_path / "killed").glob("parts/*/requests/*.jsonl"))  # dropped once the part is committed
 
-    clean = _start(tmp_path, "clean")
-    assert clean.wait(timeout=900) == 0, clean.stderr.read().decode()[-2000:]
+    # The same ids and row counts as an uninterrupted run, which keeps every prompt with n=2 responses
+    # (generation drops no row). Values: reused requests are the killed attempt's own samples; the
+    # re-run ones come from batches of other sizes, which can change the engine's numerics.
     resumed = pq.read_table(tmp_path / "killed" / "data").sort_by("id")
-    uninterrupted = pq.read_table(tmp_path / "clean" / "data").sort_by("id")
-    assert resumed.column("id").to_pylist() == uninterrupted.column("id").to_pylist()
+    assert resumed.column("id").to_pylist() == [f"q{i:02d}" for i in range(total)]
     assert [len(r) for r in resumed.column("responses").to_pylist()] == [2] * total
-    assert resumed.schema.equals(uninterrupted.schema)
+    texts = {c["text"] for r in resumed.column("responses").to_pylist() for c in r}
+    assert logged <= texts  # the finished requests of the killed attempt are in the output as they were
