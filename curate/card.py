@@ -199,7 +199,7 @@ def render_card(run: Run, repo_id: str | None = None, config_name: str = DEFAULT
         features=[{"name": f.name, "type": str(f.type)} for f in schema],
         source={k: v for k, v in source.items() if k != "part_rows"},
         generators=groups["generators"], judges=groups["judges"], filters=groups["filters"],
-        funnel=funnel(run), statistics=column_statistics(files, schema), length=length_bias(files),
+        funnel=funnel(run), statistics=column_statistics(files, schema), length=length_bias(files, run.stats.output.get("length")),
         measured=[dict(m, id=s.id) for s in sections for m in s.measured],
         pipeline_yaml=run.pipeline_yaml or "(pipeline.yaml missing from the run folder)",
         overrides=list(run.plan.overrides), stages=run.plan.stages, sample=sample_row(files),

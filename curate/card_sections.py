@@ -203,28 +203,41 @@ def text_lengths(array: pa.Array) -> np.ndarray:
     raise TypeError(f"not a text or conversation column: {array.type}")
 
 
-def length_bias(files: list[str]) -> dict[str, Any] | None:
+def length_counts(table: pa.Table) -> dict[str, int] | None:
+    """The length-bias counts of one table of pairs (None without chosen/rejected): summed over parts.
+
+    Every part task computes them on the rows it already holds (`curate.task`), so the card does
+    not read the published shards again. Example: length_counts(pairs) -> {'chosen_longer': 12, ...}
+    """
+    if not {"chosen", "rejected"} <= set(table.column_names):
+        return None
+    chosen, rejected = text_lengths(table.column("chosen").combine_chunks()), text_lengths(table.column("rejected").combine_chunks())
+    return {"chosen_longer": int((chosen > rejected).sum()), "chosen_shorter": int((chosen < rejected).sum()),
+            "equal": int((chosen == rejected).sum()), "chosen_chars": int(chosen.sum()),
+            "rejected_chars": int(rejected.sum())}
+
+
+def length_bias(files: list[str], counts: dict[str, int] | None = None) -> dict[str, Any] | None:
     """How often the chosen reply is longer than the rejected one (characters), over all pairs.
 
     A share far above one half means a model trained on these pairs can learn "longer is better".
+    `counts` (the run's summed `length_counts`) spares reading the shards again.
     Example: length_bias(files) -> {'pairs': 19, 'chosen_longer': 12, 'share_longer': 0.63, ...}
     """
-    if not files or not {"chosen", "rejected"} <= set(pq.read_schema(files[0]).names):
-        return None
-    longer = shorter = equal = 0
-    chosen_total = rejected_total = 0
-    for batch in _batches(files, ["chosen", "rejected"]):
-        chosen, rejected = text_lengths(batch.column("chosen")), text_lengths(batch.column("rejected"))
-        longer += int((chosen > rejected).sum())
-        shorter += int((chosen < rejected).sum())
-        equal += int((chosen == rejected).sum())
-        chosen_total += int(chosen.sum())
-        rejected_total += int(rejected.sum())
+    if counts is None:
+        if not files or not {"chosen", "rejected"} <= set(pq.read_schema(files[0]).names):
+            return None
+        total: dict[str, int] = {}
+        for batch in _batches(files, ["chosen", "rejected"]):
+            for name, value in length_counts(pa.Table.from_batches([batch])).items():
+                total[name] = total.get(name, 0) + value
+        counts = total
+    longer, shorter, equal = counts.get("chosen_longer", 0), counts.get("chosen_shorter", 0), counts.get("equal", 0)
     pairs = longer + shorter + equal
     return {"pairs": pairs, "chosen_longer": longer, "chosen_shorter": shorter, "equal": equal,
             "share_longer": longer / pairs if pairs else None,
-            "chosen_mean_chars": chosen_total / pairs if pairs else None,
-            "rejected_mean_chars": rejected_total / pairs if pairs else None}
+            "chosen_mean_chars": counts.get("chosen_chars", 0) / pairs if pairs else None,
+            "rejected_mean_chars": counts.get("rejected_chars", 0) / pairs if pairs else None}
 
 
 def _cut(value: Any) -> Any:

@@ -75,6 +75,7 @@ class RunStats:
     stages: list[StageStats]
     executor: str = "local"
     curate_version: str = ""
+    output: dict[str, Any] = field(default_factory=dict)  # summaries of the published rows, folded over parts
 
     def stage(self, stage_id: str) -> StageStats:
         """The entry of one stage by its id. Example: stats.stage("judge").counters"""

@@ -83,8 +83,12 @@ def collect_stats(plan: Plan, store: Store, log: RunLog, seconds: float, executo
     total_dropped: Counter[str] = Counter()
     for entry in stages:
         total_dropped.update(entry.dropped)
+    lengths: Counter[str] = Counter()
+    for record in manifests[plan.segments[-1].key] if plan.stages else []:
+        lengths.update(record.get("length", {}))
     return RunStats(
         pipeline=plan.pipeline.spec.name, rows_in=source.rows_in, rows_out=stages[-1].rows_out,
         parts=source.n_parts, dropped=dict(sorted(total_dropped.items())), run_seconds=round(seconds, 4),
         stages=stages, executor=executor, curate_version=__version__,
+        output={"length": dict(lengths)} if lengths else {},
     )

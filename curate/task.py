@@ -231,6 +231,11 @@ def _run_stages(task: PartTask, stages: list[PlannedStage], table: pa.Table, sta
             "seconds": time.perf_counter() - started, "counters": counters,
         }
     record["rows_out"] = table.num_rows
+    from curate.card_sections import length_counts
+
+    lengths = length_counts(table)  # for the dataset card: the rows are here already
+    if lengths is not None:
+        record["length"] = lengths
     return table, rejects, record
 
 
