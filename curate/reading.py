@@ -153,7 +153,12 @@ def _file_chunks(spec: SourceSpec, path: str, preview: bool = False) -> Iterator
                 source = name if _is_local(fs) else fs.open(name, "rb")
                 reader = pq.ParquetFile(source)
                 row = 0
-                for batch in reader.iter_batches(batch_size=PREVIEW_ROWS if preview else BATCH_ROWS):
+                # One row group at a time: one iterator over the whole file keeps every row group's
+                # pre-buffered bytes until it ends (peak memory grew with the file: 0.8 GB at 10M rows).
+                groups = range(min(1, reader.num_row_groups) if preview else reader.num_row_groups)
+                batches = (b for g in groups for b in reader.iter_batches(
+                    batch_size=PREVIEW_ROWS if preview else BATCH_ROWS, row_groups=[g]))
+                for batch in batches:
                     yield Chunk(pa.Table.from_batches([batch]), name, row, False)
                     row += batch.num_rows
             except (pa.ArrowInvalid, OSError) as exc:
