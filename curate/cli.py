@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from functools import wraps
 from typing import Any, Callable
@@ -57,12 +56,9 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def main(debug: bool, quiet: bool) -> None:
     """Build preference datasets (prompt / chosen / rejected) from declarative YAML pipelines."""
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr, force=True)
-    if not debug:  # Dask's scheduler and workers (also worker processes it starts) log at WARNING
-        logging.getLogger("distributed").setLevel(max(level, logging.WARNING))
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    from curate.terminal import configure
+
+    configure(debug=debug, quiet=quiet)  # curate at INFO, engines and libraries at WARNING (curate/terminal.py)
 
 
 @main.command()
@@ -160,7 +156,9 @@ def run(pipeline: str, out: str | None, refresh: tuple[str, ...], executor: str 
     from curate.config import load_pipeline
     from curate.executors import make_executor
     from curate.runner import run_pipeline
+    from curate.terminal import quiet_library_progress
 
+    quiet_library_progress()
     spec = load_pipeline(pipeline, list(overrides))
     chosen = spec.spec.executor
     kind = executor or ("dask" if scheduler or workers else chosen.kind)

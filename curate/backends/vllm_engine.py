@@ -7,12 +7,19 @@ few cores, and no shutdown race), and `enforce_eager=True` (compilation costs ~9
 It also turns chunked prefill off on CPU: vLLM 0.32 rewinds a seeded request's generator when a
 prefill chunk's sampled token is discarded, and the CPU generator cannot rewind ("CPU Generator
 does not use offset"), so seeded batches of long prompts crashed (found here; judge prompts of
-~450 tokens x 72 sequences). And on CPU one engine step takes at most `max_model_len` tokens
-(vLLM's CPU default is 4096): prompt log-probs hold a tokens x vocabulary array, 4 GB for 4096
+~450 tokens x 72 sequences). vLLM then warns that disabling chunked prefill "may cause the engine
+to crash or produce incorrect outputs": it says so for every model that supports chunked prefill,
+whatever the settings; with `max_num_batched_tokens = max_model_len` (below) every prompt is
+prefilled whole in one step, vLLM's plain non-chunked path, and the tests check its log-probs
+against transformers' (tests/test_backends.py). The CLI leaves that warning out unless `--debug`
+(`curate.terminal`). And on CPU one engine step takes at most `max_model_len` tokens (vLLM's CPU
+default is 4096): prompt log-probs hold a tokens x vocabulary array, 4 GB for 4096
 tokens of Gemma 3's 262k vocabulary, twice over (logits and log-probs); a test run was killed
 for memory before this.
-Prompts are rendered to token ids by `curate.backends.base.encode_prompt`, so vLLM and
-transformers see identical ids. Leaves out: hidden states (transformers serves those).
+Checkpoints curate converted (GGUF built-ins) are loaded from a copy in the dtype the engine
+runs (`curate.models.checkpoint_in_dtype`; `auto` resolved as vLLM would), so no weight is cast
+while loading. Prompts are rendered to token ids by `curate.backends.base.encode_prompt`, so vLLM
+and transformers see identical ids. Leaves out: hidden states (transformers serves those).
 
 Example: VLLMBackend("smollm2-135m-instruct").generate([ChatRequest(msgs, GenerationParams(max_tokens=64))])
 """
@@ -26,7 +33,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from curate.backends.base import ChatRequest, Completion, GenerationParams, ScoreItem, encode_item, encode_prompt
-from curate.models import resolve_model
+from curate.models import checkpoint_in_dtype, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,13 @@ def _on_cuda() -> bool:
         return torch.cuda.is_available()
     except ImportError:  # pragma: no cover - vllm always brings torch
         return False
+
+
+def _auto_dtype() -> str:
+    """The dtype vLLM's `auto` resolves a float32 checkpoint to on this device (its first supported dtype)."""
+    from vllm.platforms import current_platform
+
+    return str(current_platform.supported_dtypes[0]).removeprefix("torch.")
 
 
 class VLLMBackend:
@@ -65,12 +79,15 @@ class VLLMBackend:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
+        if dtype == "auto" and resolved.converted:
+            dtype = _auto_dtype()  # what vLLM picks for an fp32 checkpoint, so the cache can keep it in that dtype
         options: dict[str, Any] = {
-            "model": resolved.path,
+            "model": checkpoint_in_dtype(resolved, dtype),  # nothing cast (and warned about) while loading
             "dtype": dtype,
             "seed": seed,
             "enforce_eager": (not cuda) if enforce_eager is None else enforce_eager,
             "tensor_parallel_size": tensor_parallel_size,
+            "use_tqdm_on_load": False,  # curate's progress display says what is loading
         }
         if not cuda:
             options["enable_chunked_prefill"] = False  # see the module docstring
