@@ -111,8 +111,10 @@ def plan(pipeline: str, overrides: tuple[str, ...], as_json: bool) -> None:
     size = f"{src.rows} rows in {src.n_parts} parts" if src.rows >= 0 else "rows counted when the run ingests it"
     click.echo(f"source  key {src.key}  {size}")
     _echo_columns(schema_json(src.schema))
-    for planned in resolved.stages:
-        click.echo(f"[{planned.segment}] {planned.id} ({planned.bound.stage.name}, {planned.kind})  key {planned.key}")
+    width = max((len(p.id) for p in resolved.stages), default=0)
+    for index, planned in enumerate(resolved.stages):  # stages.N: what --set stages.N.… counts (an id works too)
+        click.echo(f"stages.{index:<3d} {planned.id:<{width}}  {planned.bound.stage.name} ({planned.kind}), "
+                   f"segment {planned.segment}  key {planned.key}")
         _echo_columns(schema_json(planned.output_schema))
 
 

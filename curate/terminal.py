@@ -75,13 +75,14 @@ class _Expected(logging.Filter):
 
 
 class _Format(logging.Formatter):
-    """`HH:MM:SS message` for INFO; level and logger name too for warnings, errors and debug lines."""
+    """`HH:MM:SS message` for INFO; level and logger name too for other levels, and for every line with --debug."""
 
-    def __init__(self) -> None:
+    def __init__(self, debug: bool) -> None:
         super().__init__(datefmt="%H:%M:%S")
+        self.debug = debug
 
     def format(self, record: logging.LogRecord) -> str:
-        self._style._fmt = ("%(asctime)s %(message)s" if record.levelno == logging.INFO
+        self._style._fmt = ("%(asctime)s %(message)s" if record.levelno == logging.INFO and not self.debug
                             else "%(asctime)s %(levelname)s %(name)s: %(message)s")
         return super().format(record)
 
@@ -114,7 +115,7 @@ def configure(debug: bool = False, quiet: bool = False) -> None:
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     _console = _live_console() if level == logging.INFO else None
     handler: logging.Handler = _ConsoleHandler(_console) if _console is not None else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Format())
+    handler.setFormatter(_Format(debug))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.captureWarnings(True)  # Python warnings of libraries become log records: one format, filtered
     for name in LIBRARIES:

@@ -34,6 +34,7 @@ import numpy as np
 
 from curate.backends.base import ChatRequest, Completion, GenerationParams, ScoreItem, encode_item, encode_prompt
 from curate.models import checkpoint_in_dtype, resolve_model
+from curate.progress import work_done, work_started
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,8 @@ class VLLMBackend:
         """Per-token log-probs (float64 array) of each response given its prompt (METHODS.md §0).
 
         One prefill-only request per item (`max_tokens=1`, `prompt_logprobs=0`: the log-prob of
-        the actual token is always returned); the span starts at the first response token.
+        the actual token is always returned); the span starts at the first response token. Each
+        finished request moves the run's progress bar (`curate.progress`).
         Example: backend.logprobs([ScoreItem(msgs, "Paris.")])[0] -> array([-0.3, -1.2, ...])
         """
         from vllm import SamplingParams
@@ -180,7 +182,12 @@ class VLLMBackend:
         # prompt_logprob_start/_token_ids would score only the span, but need vLLM's V2 model
         # runner, which the CPU wheel lacks; prompt_logprobs=0 works on both.
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _ in encoded], params, use_tqdm=False)
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids, _ in encoded]
+        outputs: list[Any] = [None] * len(prompts)
+        work_started(len(prompts))
+        for i, output in self._stream(prompts, [params] * len(prompts), list(range(len(prompts)))):
+            outputs[i] = output
+            work_done()
         spans = []
         for (ids, start), output in zip(encoded, outputs):
             table = output.prompt_logprobs
