@@ -1,7 +1,7 @@
 """The `curate` command line: a thin layer over `curate.config`, `curate.plan` and `curate.runner`.
 
 Errors meant for the user print as one line (`error: file:line: message`) with a non-zero exit
-code and no traceback; `--debug` shows the traceback. Leaves out: the report (a later issue).
+code and no traceback; `--debug` shows the traceback. `curate report` writes a run's HTML report (`curate.report`).
 
 Example: curate run pipelines/quickstart.yaml --out out/quickstart
 """
@@ -201,6 +201,27 @@ def push(run_dir: str, repo_id: str, private: bool, revision: str | None, config
     deleted = f"{len(plan.deletes)} {'to delete' if dry_run else 'deleted'}"
     click.echo(f"{where}: {verb} {len(plan.to_send)} file(s), {len(plan.skipped)} unchanged, {deleted}"
                + ("" if dry_run else f", in {len(plan.commits)} commit(s)"))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the HTML (default: RUN_DIR/report.html).")
+@click.option("--open", "open_it", is_flag=True, help="Open the report in the default web browser.")
+@_user_errors
+def report(run_dir: str, out: str | None, open_it: bool) -> None:
+    """Write one self-contained HTML report of a finished run: funnel, score, margin and length
+    distributions, method columns, judge consistency, stage times (no script, nothing fetched)."""
+    from curate.report import write_report
+
+    path = write_report(run_dir, out)
+    click.echo(path)
+    if open_it:
+        import pathlib
+        import webbrowser
+
+        if not webbrowser.open(pathlib.Path(path).resolve().as_uri()):
+            click.echo("no web browser found; open the file above", err=True)
 
 
 @main.command()

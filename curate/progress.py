@@ -3,19 +3,20 @@
 Three pieces:
 - Hooks for the work inside a part: `work_started(n)` and `work_done(k)`. `run_batched` calls them
   per generation request, the scoring backends per request (vLLM) or per length batch
-  (transformers). They cost a dict lookup when nobody listens (a Dask worker, a library call).
+  (transformers). They do nothing when nobody listens (a Dask worker, a library call).
 - `computing_part(segment_key, index)`: `compute_part` wraps one part in it, so the hooks know
   whose part they advance; `activity(text)` names what a part is doing meanwhile (loading a model).
 - `SegmentProgress`: the driver's view of one segment (`run_segment` opens it). Rows done = rows of
   cached and finished parts + the running part's share of its work items; that share is done / max
   (items the part asked for so far, items per row learned from the segment's first part x rows),
   so a stage that makes several passes (CDR: strong, then weak model) does not read as done after
-  its first. Rows/s counts from the first work item, so a model load does not dilute it; no ETA is
-  shown before that. Shown as a live bar on a terminal (`curate.terminal.live_console`), else as a
-  log line every LOG_EVERY seconds; when the segment ends, one line per stage.
+  its first. Rows/s counts from the first work item, so a model load does not dilute it; the ETA
+  waits for a finished part or half of one (see `SegmentProgress.eta`). Shown as a live bar on a
+  terminal (`curate.terminal.live_console`), else as a log line every LOG_EVERY seconds; when the
+  segment ends, one line per stage.
 A Dask executor's tasks run in other processes: there the bar moves per committed part.
 
-Example: with segment_progress(plan, store, segment, todo) as bar: bar.committed(result)
+Example: with segment_progress("judge", {key: "judge"}, {0: 6}, {}, 0, key) as bar: bar.committed(result)
 """
 from __future__ import annotations
 
@@ -234,9 +235,14 @@ class SegmentProgress:
         return done / elapsed if done > 0 and elapsed > 0 else None
 
     def eta(self) -> float | None:
-        """Seconds left at the current rate (None while there is no rate yet)."""
+        """Seconds left at the current rate; None until a part is finished or half of one is done.
+
+        An engine that batches a whole part (vLLM) finishes most requests near the part's end,
+        so a rate measured earlier would promise far too long a wait.
+        """
         rate = self.rate()
-        return None if rate is None else max(0.0, self.total - self.rows_done()) / rate
+        started = self.finished or any(2 * p.shown >= p.rows for p in self.parts.values() if p.rows)
+        return None if rate is None or not started else max(0.0, self.total - self.rows_done()) / rate
 
     def status(self) -> str:
         """Example: '7.5/12 rows, 0.31 rows/s, 0:00:24 elapsed, ETA 0:00:15'"""

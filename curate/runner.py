@@ -58,7 +58,7 @@ def fit_state(plan: Plan, store: Store, segment: Segment, executor: Executor, ru
     wanted = stage.fit_columns(pa.schema([f.with_name(into.get(f.name, f.name)) for f in planned.input_schema]))
     back = {v: k for k, v in into.items()}
     columns = tuple(back.get(c, c) for c in wanted)
-    log.info("%s: fitting over %d parts", planned.id, plan.source.n_parts)
+    log.debug("%s: fitting over %d parts", planned.id, plan.source.n_parts)
     started = time.perf_counter()
     spec = StageTask.of(planned)
     tasks = [SummaryTask(store.root, spec, segment.parent_key, i, columns) for i in range(plan.source.n_parts)]
