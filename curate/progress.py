@@ -3,7 +3,8 @@
 Three pieces:
 - Hooks for the work inside a part: `work_started(n)` and `work_done(k)`. `run_batched` calls them
   per generation request, the scoring backends per request (vLLM) or per length batch
-  (transformers). They do nothing when nobody listens (a Dask worker, a library call).
+  (transformers); vLLM's generation also reports the decoding share of the requests still running
+  (`work_running`). They do nothing when nobody listens (a Dask worker, a library call).
 - `computing_part(segment_key, index)`: `compute_part` wraps one part in it, so the hooks know
   whose part they advance; `activity(text)` names what a part is doing meanwhile (loading a model).
 - `SegmentProgress`: the driver's view of one segment (`run_segment` opens it). Rows done = rows of
@@ -81,6 +82,15 @@ def work_done(items: int = 1) -> None:
         _current[0].work(_current[1], done=items)
 
 
+def work_running(items: float) -> None:
+    """How many items' worth the unfinished work of the running part has done (replaces the last value).
+
+    Example: work_running(12 * 0.4)  # 12 requests decoding, 40% of their token budget used
+    """
+    if _current is not None:
+        _current[0].work(_current[1], running=items)
+
+
 @contextlib.contextmanager
 def activity(text: str) -> Iterator[None]:
     """Name what the running part does meanwhile (shown next to its bar). Example: with activity("loading models"): ..."""
@@ -103,6 +113,7 @@ class _Part:
     rows: int
     expected: int = 0
     done: int = 0
+    running: float = 0.0  # what unfinished items have done, in items (an engine's decoding share)
     shown: float = 0.0  # rows shown for this part so far (never goes back)
 
 
@@ -179,8 +190,8 @@ class SegmentProgress:
         self._task: Any = None
 
     # Events ---------------------------------------------------------------------------------
-    def work(self, index: int, expected: int = 0, done: int = 0) -> None:
-        """Work items of part `index` asked for / finished (from the hooks)."""
+    def work(self, index: int, expected: int = 0, done: int = 0, running: float | None = None) -> None:
+        """Work items of part `index` asked for / finished / partly done (from the hooks)."""
         part = self.parts.get(index)
         if part is None:
             return
@@ -188,9 +199,12 @@ class SegmentProgress:
             self._began()
             part.expected += expected
             part.done += done
-            if part.done and part.rows:
-                denominator = max(part.expected, (self.items_per_row or 0.0) * part.rows, part.done)
-                part.shown = max(part.shown, part.rows * part.done / denominator)
+            if running is not None:
+                part.running = running
+            progress = part.done + part.running
+            if progress and part.rows:
+                denominator = max(part.expected, (self.items_per_row or 0.0) * part.rows, progress)
+                part.shown = max(part.shown, part.rows * progress / denominator)
         self._show()
 
     def part_finished(self, index: int) -> None:
@@ -271,6 +285,7 @@ class SegmentProgress:
         """Remove the bar and log one line per stage."""
         if self._task is not None:
             self._bars.remove_task(self._task)
+            self._bars.refresh()  # else the lines below are printed above the removed bar's last frame
             self._task = None
         for line in self.lines.values():
             log.info("%s", line.line(self.n_parts))

@@ -41,6 +41,22 @@ def test_rows_rate_and_eta_by_hand(clock):
     assert bar.status() == "6.0/8 rows, 1.0 rows/s, 0:00:16 elapsed, ETA 0:00:02"
 
 
+def test_the_decoding_share_of_running_requests_moves_the_bar(clock):
+    """4 requests (one per row) decoding together: the share of their token budget used counts until they finish."""
+    bar = SegmentProgress("generate", {"k": "generate"}, {0: 4}, cached={}, cached_rows=0)
+    bar.work(0, expected=4)
+    bar.work(0, running=4 * 0.25)  # a quarter of the budget decoded
+    assert bar.rows_done() == 1.0
+    bar.work(0, running=3 * 0.5)  # one request finished: it leaves the running share first...
+    assert bar.rows_done() == 1.5
+    bar.work(0, done=1)  # ...then counts as done
+    assert bar.rows_done() == 2.5
+    bar.work(0, running=0.0)  # the engine call ended early: the bar holds until the rest finishes
+    assert bar.rows_done() == 2.5
+    bar.work(0, done=3)
+    assert bar.rows_done() == 4.0
+
+
 @dataclass
 class _Result:
     index: int
