@@ -1,7 +1,7 @@
 """The `curate` command line: a thin layer over `curate.config`, `curate.plan` and `curate.runner`.
 
 Errors meant for the user print as one line (`error: file:line: message`) with a non-zero exit
-code and no traceback; `--debug` shows the traceback. Leaves out: the report (a later issue).
+code and no traceback; `--debug` shows the traceback. `curate report` writes a run's HTML report (`curate.report`).
 
 Example: curate run pipelines/quickstart.yaml --out out/quickstart
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from functools import wraps
 from typing import Any, Callable
@@ -57,12 +56,9 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def main(debug: bool, quiet: bool) -> None:
     """Build preference datasets (prompt / chosen / rejected) from declarative YAML pipelines."""
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr, force=True)
-    if not debug:  # Dask's scheduler and workers (also worker processes it starts) log at WARNING
-        logging.getLogger("distributed").setLevel(max(level, logging.WARNING))
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    from curate.terminal import configure
+
+    configure(debug=debug, quiet=quiet)  # curate at INFO, engines and libraries at WARNING (curate/terminal.py)
 
 
 @main.command()
@@ -115,8 +111,10 @@ def plan(pipeline: str, overrides: tuple[str, ...], as_json: bool) -> None:
     size = f"{src.rows} rows in {src.n_parts} parts" if src.rows >= 0 else "rows counted when the run ingests it"
     click.echo(f"source  key {src.key}  {size}")
     _echo_columns(schema_json(src.schema))
-    for planned in resolved.stages:
-        click.echo(f"[{planned.segment}] {planned.id} ({planned.bound.stage.name}, {planned.kind})  key {planned.key}")
+    width = max((len(p.id) for p in resolved.stages), default=0)
+    for index, planned in enumerate(resolved.stages):  # stages.N: what --set stages.N.… counts (an id works too)
+        click.echo(f"stages.{index:<3d} {planned.id:<{width}}  {planned.bound.stage.name} ({planned.kind}), "
+                   f"segment {planned.segment}  key {planned.key}")
         _echo_columns(schema_json(planned.output_schema))
 
 
@@ -160,7 +158,9 @@ def run(pipeline: str, out: str | None, refresh: tuple[str, ...], executor: str 
     from curate.config import load_pipeline
     from curate.executors import make_executor
     from curate.runner import run_pipeline
+    from curate.terminal import quiet_library_progress
 
+    quiet_library_progress()
     spec = load_pipeline(pipeline, list(overrides))
     chosen = spec.spec.executor
     kind = executor or ("dask" if scheduler or workers else chosen.kind)
@@ -201,6 +201,27 @@ def push(run_dir: str, repo_id: str, private: bool, revision: str | None, config
     deleted = f"{len(plan.deletes)} {'to delete' if dry_run else 'deleted'}"
     click.echo(f"{where}: {verb} {len(plan.to_send)} file(s), {len(plan.skipped)} unchanged, {deleted}"
                + ("" if dry_run else f", in {len(plan.commits)} commit(s)"))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the HTML (default: RUN_DIR/report.html).")
+@click.option("--open", "open_it", is_flag=True, help="Open the report in the default web browser.")
+@_user_errors
+def report(run_dir: str, out: str | None, open_it: bool) -> None:
+    """Write one self-contained HTML report of a finished run: funnel, score, margin and length
+    distributions, method columns, judge consistency, stage times (no script, nothing fetched)."""
+    from curate.report import write_report
+
+    path = write_report(run_dir, out)
+    click.echo(path)
+    if open_it:
+        import pathlib
+        import webbrowser
+
+        if not webbrowser.open(pathlib.Path(path).resolve().as_uri()):
+            click.echo("no web browser found; open the file above", err=True)
 
 
 @main.command()

@@ -49,6 +49,7 @@ class ResolvedModel:
     path: str
     identity: str
     name: str
+    converted: bool = False  # a checkpoint curate wrote into its cache (from a GGUF): kept in other dtypes too
 
 
 def cache_dir() -> str:
@@ -142,6 +143,58 @@ def _converted(gguf_path: str, name: str) -> str:
     return _build_once(out_dir, os.path.join(out_dir, "config.json"), convert)
 
 
+HALF_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "half": "float16", "fp16": "float16"}
+
+
+def checkpoint_in_dtype(resolved: ResolvedModel, dtype: str) -> str:
+    """The folder to load for `dtype`: a converted checkpoint's copy in that half dtype, written once.
+
+    Conversions are stored in fp32; an engine asked for bf16 or fp16 would cast every weight
+    while loading (vLLM warns once per weight). So the cache keeps a copy in the dtype a run
+    uses, cast from the fp32 checkpoint once, under a file lock. Other folders (a user's own
+    model, a Hub id) and fp32 / `auto` are loaded as they are. The model's identity (its GGUF's
+    bytes) is unchanged: the stage key already holds the dtype.
+    Example: checkpoint_in_dtype(resolve_model("smollm2-135m-instruct"), "bfloat16") -> '…-c2-bfloat16'
+    """
+    half = HALF_DTYPES.get(str(dtype).lower())
+    if half is None or not resolved.converted:
+        return resolved.path
+    out_dir = f"{resolved.path}-{half}"
+
+    def cast() -> None:
+        log.info("keeping %s in %s (once)", resolved.name, half)
+        _cast_checkpoint(resolved.path, out_dir, half)
+
+    return _build_once(out_dir, os.path.join(out_dir, "config.json"), cast)
+
+
+def _cast_checkpoint(src: str, out_dir: str, dtype: str) -> None:
+    """Copy an HF folder, its floating-point safetensors weights cast to `dtype` and config.json saying so."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target = getattr(torch, dtype)
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in os.listdir(src):
+        path = os.path.join(src, name)
+        if name.endswith(".safetensors"):
+            tensors = {k: (v.to(target) if v.is_floating_point() else v) for k, v in load_file(path).items()}
+            save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
+        elif name == "config.json":
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+            config["dtype"] = dtype
+            if "torch_dtype" in config:
+                config["torch_dtype"] = dtype
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2)
+        elif os.path.isfile(path):
+            shutil.copy2(path, os.path.join(tmp, name))
+    os.replace(tmp, out_dir)
+
+
 def _folder_identity(path: str) -> str:
     """Content identity of a local HF folder: its config, tokenizer and weight files."""
     names = sorted(n for n in os.listdir(path) if n.endswith((".json", ".safetensors", ".bin", ".model", ".jinja")))
@@ -155,14 +208,14 @@ def resolve_model(ref: str, revision: str | None = None) -> ResolvedModel:
     """
     if ref in BUILTIN_GGUF:
         gguf = _builtin_gguf(ref)
-        return ResolvedModel(_converted(gguf, ref), f"{ref}@{file_digest(gguf)[:12]}", ref)
+        return ResolvedModel(_converted(gguf, ref), f"{ref}@{file_digest(gguf)[:12]}", ref, converted=True)
     expanded = os.path.expanduser(ref)
     if expanded.endswith(".gguf"):
         if not os.path.exists(expanded):
             raise ConfigError("no such .gguf file", where=ref)
         name = os.path.basename(expanded)[: -len(".gguf")].lower()
         path = _converted(expanded, name)
-        return ResolvedModel(path, f"{name}@{file_digest(expanded)[:12]}", name)
+        return ResolvedModel(path, f"{name}@{file_digest(expanded)[:12]}", name, converted=True)
     if os.path.isdir(expanded):
         if not os.path.exists(os.path.join(expanded, "config.json")):
             raise ConfigError("folder has no config.json; expected a Hugging Face model folder", where=ref)

@@ -33,7 +33,7 @@ from curate.errors import ConfigError, CurateError
 from curate.executors import Executor, make_executor
 from curate.ingest import SOURCE_ID, ingest_source, preview_source, read_source_info, source_key
 from curate.plan import Plan, Segment, SourceInfo, build_plan, rename_in
-from curate.progress import Progress
+from curate.progress import live_bars, segment_progress
 from curate.publish import clean_stale, publish
 from curate.record import PIPELINE_FILE, PLAN_FILE, STATS_FILE
 from curate.stats import RunLog, collect_stats
@@ -58,7 +58,7 @@ def fit_state(plan: Plan, store: Store, segment: Segment, executor: Executor, ru
     wanted = stage.fit_columns(pa.schema([f.with_name(into.get(f.name, f.name)) for f in planned.input_schema]))
     back = {v: k for k, v in into.items()}
     columns = tuple(back.get(c, c) for c in wanted)
-    log.info("%s: fitting over %d parts", planned.id, plan.source.n_parts)
+    log.debug("%s: fitting over %d parts", planned.id, plan.source.n_parts)
     started = time.perf_counter()
     spec = StageTask.of(planned)
     tasks = [SummaryTask(store.root, spec, segment.parent_key, i, columns) for i in range(plan.source.n_parts)]
@@ -89,16 +89,18 @@ def run_segment(plan: Plan, store: Store, segment: Segment, executor: Executor, 
     done = store.finished(segment.key)
     todo = [i for i in range(n_parts) if i not in done]
     stage_ids = {s.key: s.id for s in segment.stages}
-    label = f"segment {segment.index + 1}/{len(plan.segments)} [{' > '.join(stage_ids.values())}]"
-    if not todo:
-        log.info("%s: all %d parts cached", label, n_parts)
-        return
-    log.info("%s: %d parts cached, %d to compute", label, n_parts - len(todo), len(todo))
-    state_key = fit_state(plan, store, segment, executor, run_log) if segment.global_stage else None
-    progress = Progress(label, len(todo))
-    for result in executor.map(run_part, segment_tasks(store.root, segment, todo, state_key)):
-        _commit(store, result, run_log, stage_ids)
-        progress.tick(result.record["rows_out"])
+    rows = {i: r.get("rows_out", 0) for i, r in store.finished(segment.parent_key).items()}  # rows into each part
+    label = " > ".join(stage_ids.values())
+    log.debug("segment %d/%d [%s]: %d parts cached, %d to compute", segment.index + 1, len(plan.segments), label,
+              n_parts - len(todo), len(todo))
+    with segment_progress(label, stage_ids, {i: rows.get(i, 0) for i in todo}, done,
+                          sum(rows.get(i, 0) for i in done), segment.key) as progress:
+        if not todo:
+            return
+        state_key = fit_state(plan, store, segment, executor, run_log) if segment.global_stage else None
+        for result in executor.map(run_part, segment_tasks(store.root, segment, todo, state_key)):
+            _commit(store, result, run_log, stage_ids)
+            progress.committed(result)
     executor.release(list(stage_ids))
 
 
@@ -209,9 +211,10 @@ def _run_locked(pipeline: Pipeline, out_dir: str, refresh: list[str] | None, sta
     write_text_atomic(pipeline.text, os.path.join(out_dir, PIPELINE_FILE))
     executor.prepare(plan.stages, store.root)
     try:
-        for segment in plan.segments:
-            if segment.stages:
-                run_segment(plan, store, segment, executor, run_log)
+        with live_bars():  # progress bars on a terminal (curate.progress)
+            for segment in plan.segments:
+                if segment.stages:
+                    run_segment(plan, store, segment, executor, run_log)
     except CurateError as exc:
         finished = sum(len(store.finished(s.key)) for s in plan.segments)
         exc.message += f"; {finished} finished parts are kept, run again to resume"

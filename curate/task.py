@@ -28,6 +28,7 @@ from curate.config import BoundStage
 from curate.contract import REASON, StageOutput, Verdict, conform, with_reason
 from curate.errors import CurateError, StageError
 from curate.plan import PlannedStage, Segment, rename_in, rename_out
+from curate.progress import activity, computing_part
 from curate.requests import RequestLog, using_request_log
 from curate.store import Store, write_parquet_atomic
 
@@ -255,9 +256,15 @@ def compute_part(task: PartTask) -> Computed:
 
     Example: compute_part(task).table.num_rows
     """
+    with computing_part(task.segment_key, task.index):  # the stages' work moves the driver's bar (curate.progress)
+        return _compute(task)
+
+
+def _compute(task: PartTask) -> Computed:
     store = Store(task.root)
     stages = [s.build() for s in task.stages]
-    load = {planned.id: open_stage(planned) for planned in stages}
+    with activity("loading models"):
+        load = {planned.id: open_stage(planned) for planned in stages}
     state = store.read_state(task.state_key) if task.state_key else None
     if task.state_key and state is None:
         raise StageError(f"the fitted state {task.state_key} is missing from the store", where=task.label)

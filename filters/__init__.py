@@ -1,4 +1,49 @@
-"""Filters: stages that keep or drop rows, each with a reason per dropped row.
+"""Filters: stages that keep or drop rows, each with a reason per dropped row, and their methods as functions.
 
-Each filter is also a plain function on Arrow tables. Example: from curate.filters.text import LengthFilter
+Every public function takes a `pyarrow.Table` (or a polars / pandas DataFrame or a
+`datasets.Dataset`, returned as the same type) and is imported on first use, so
+`import curate.filters` stays cheap. Modules: `ches` (METHODS §5), `noise` (SPA and EM label
+confidence, §6), `donod` (§7), `near_dup`, `dedup`, `text`.
+
+Example: from curate.filters import ches_scores, ches_select, donod_select
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from curate.lazy import lazy_attributes
+
+_EXPORTS = {
+    # CHES, METHODS §5
+    **dict.fromkeys(["ches_scores", "ches_select", "ches_cut", "ches_keep_mask", "ches_from_hidden", "ches_from_sums",
+                     "ches_from_full", "ChesScore", "ChesFilter"], "ches"),
+    # noise-aware label confidence: SPA margins and smoothing, EM flip rate, §6
+    **dict.fromkeys(["implicit_margins", "pref_conf", "spa_filter", "noise_filter", "em_flip_rate", "flip_posterior",
+                     "spa_threshold", "spa_label_smoothing", "swap_pairs", "dpo_loss", "rdpo_loss", "cdpo_loss",
+                     "SPAScore", "SPAFilter", "NoiseEM"], "noise"),
+    # DONOD and TOPSIS, §7
+    **dict.fromkeys(["donod_scores", "donod_select", "donod_fit", "donod_mark", "donod_closed_form",
+                     "donod_closed_form_batch", "donod_autograd", "topsis", "topsis_fit", "topsis_closeness",
+                     "TopsisFit", "DonodScore", "DonodFilter"], "donod"),
+    **dict.fromkeys(["near_duplicates", "prompt_duplicates", "pair_similarity", "greedy_duplicates", "embed",
+                     "load_embedder", "NearDup"], "near_dup"),
+    **dict.fromkeys(["dedup_keys", "first_ids", "ExactDedup"], "dedup"),
+    **dict.fromkeys(["NonEmptyFilter", "LengthFilter", "RangeFilter"], "text"),
+}
+
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name loads on first use
+    from curate.filters.ches import (ChesFilter, ChesScore, ches_cut, ches_from_full, ches_from_hidden, ches_from_sums,
+                                     ches_keep_mask, ches_scores, ches_select)
+    from curate.filters.dedup import ExactDedup, dedup_keys, first_ids
+    from curate.filters.donod import (DonodFilter, DonodScore, TopsisFit, donod_autograd, donod_closed_form,
+                                      donod_closed_form_batch, donod_fit, donod_mark, donod_scores, donod_select, topsis,
+                                      topsis_closeness, topsis_fit)
+    from curate.filters.near_dup import (NearDup, embed, greedy_duplicates, load_embedder, near_duplicates,
+                                         pair_similarity, prompt_duplicates)
+    from curate.filters.noise import (NoiseEM, SPAFilter, SPAScore, cdpo_loss, dpo_loss, em_flip_rate, flip_posterior,
+                                      implicit_margins, noise_filter, pref_conf, rdpo_loss, spa_filter,
+                                      spa_label_smoothing, spa_threshold, swap_pairs)
+    from curate.filters.text import LengthFilter, NonEmptyFilter, RangeFilter

@@ -1,1 +1,19 @@
-"""Generators: stages that write N candidate responses per prompt. Built in later issues."""
+"""Generators: stages that write N candidate responses per prompt (`generators.responses`).
+
+Each name is imported on first use, so `import curate.generators` stays cheap.
+
+Example: from curate.generators import Responses, ResponsesParams
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from curate.lazy import lazy_attributes
+
+_EXPORTS = dict.fromkeys(["Responses", "ResponsesParams", "with_system"], "responses")
+
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name loads on first use
+    from curate.generators.responses import Responses, ResponsesParams, with_system

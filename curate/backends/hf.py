@@ -20,6 +20,7 @@ import numpy as np
 from curate.backends.base import ChatRequest, Completion, ScoreItem, encode_item, encode_prompt
 from curate.keys import digest
 from curate.models import resolve_model
+from curate.progress import work_done, work_started
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,12 @@ class HFBackend:
     def _scored_batches(self, items: list[ScoreItem]) -> Iterator[tuple[list[int], list[tuple[list[int], int]], Any, list[int]]]:
         """Encode items (METHODS §0) and yield (indices, encodings, padded tensors, offsets) per batch."""
         encoded = [encode_item(self.tokenizer, item) for item in items]
+        work_started(len(items))  # each batch the caller is done with moves the run's progress bar
         for batch in length_batches([len(ids) for ids, _ in encoded], self.batch_tokens, self.max_rows):
             rows = [encoded[i] for i in batch]
             tensors = self._padded([ids for ids, _ in rows], self.padding_side)
             yield batch, rows, tensors[:3], tensors[3]
+            work_done(len(batch))
 
     # Scoring --------------------------------------------------------------------------------
     def logprobs(self, items: list[ScoreItem]) -> list[np.ndarray]:

@@ -17,11 +17,13 @@ import os
 import random
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from curate.backends.base import ChatRequest, Completion
 
 log = logging.getLogger(__name__)
+
+OnDone = Callable[[int, list[Completion]], None]
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -112,27 +114,36 @@ class OpenAIBackend:
                 await asyncio.sleep(delay)
         return Completion(None, None, 0, 0, self.name, f"after {self.max_retries + 1} attempts: {error}")
 
-    async def _all(self, requests: list[ChatRequest]) -> list[list[Completion]]:
+    async def _all(self, requests: list[ChatRequest], on_done: OnDone | None) -> list[list[Completion]]:
         import httpx
 
         gate = asyncio.Semaphore(self.max_concurrency)
         limits = httpx.Limits(max_connections=self.max_concurrency)
         async with httpx.AsyncClient(limits=limits) as client:
-            tasks = [[asyncio.ensure_future(self._one(client, gate, self._body(r, j))) for j in range(r.params.n)]
-                     for r in requests]
-            return [[await t for t in row] for row in tasks]
 
-    def generate(self, requests: list[ChatRequest]) -> list[list[Completion]]:
+            async def answer(i: int, request: ChatRequest) -> list[Completion]:
+                row = list(await asyncio.gather(*[self._one(client, gate, self._body(request, j))
+                                                  for j in range(request.params.n)]))
+                if on_done is not None:
+                    on_done(i, row)
+                return row
+
+            return list(await asyncio.gather(*[answer(i, r) for i, r in enumerate(requests)]))
+
+    streams_requests = True  # generate calls `on_done` as each request's completions are all back
+
+    def generate(self, requests: list[ChatRequest], on_done: OnDone | None = None) -> list[list[Completion]]:
         """Answer every request; never raises for a failed request (it is a row error).
 
+        `on_done(i, completions)` is called as request i's n completions are all back.
         Example: backend.generate([req])[0][0].error -> None or 'after 6 attempts: HTTP 500 ...'
         """
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self._all(requests))
+            return asyncio.run(self._all(requests, on_done))
         result: list[list[list[Completion]]] = []  # called from inside an event loop: use a thread
-        thread = threading.Thread(target=lambda: result.append(asyncio.run(self._all(requests))))
+        thread = threading.Thread(target=lambda: result.append(asyncio.run(self._all(requests, on_done))))
         thread.start()
         thread.join()
         return result[0]

@@ -58,14 +58,18 @@ def run_batched(backend: Any, requests: list, batch_size: int | None) -> list:
     """backend.generate over requests, in chunks of batch_size (None: one call), through the request cache.
 
     Inside a task (`curate.requests`), requests a killed attempt already finished are taken from
-    its log, and each request is logged as the engine finishes it.
+    its log, and each request is logged as the engine finishes it; each finished request also
+    moves the run's progress bar (`curate.progress`).
     Example: run_batched(backend, requests, None)[0][0].text
     """
+    from curate.progress import work_done, work_started
     from curate.requests import current_scope
 
     scope = current_scope()
     out: list = scope.lookup(backend, requests) if scope is not None else [None] * len(requests)
     todo = [i for i, found in enumerate(out) if found is None]
+    work_started(len(requests))
+    work_done(len(requests) - len(todo))
     step = batch_size or max(1, len(todo))
     for start in range(0, len(todo), step):
         chunk = todo[start:start + step]
@@ -74,6 +78,7 @@ def run_batched(backend: Any, requests: list, batch_size: int | None) -> list:
         def done(j: int, completions: list, batch: list = batch) -> None:
             if scope is not None:
                 scope.put(backend, batch[j], completions)
+            work_done()
 
         results = _generate(backend, batch, done)
         for i, completions in zip(chunk, results):

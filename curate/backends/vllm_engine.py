@@ -7,17 +7,25 @@ few cores, and no shutdown race), and `enforce_eager=True` (compilation costs ~9
 It also turns chunked prefill off on CPU: vLLM 0.32 rewinds a seeded request's generator when a
 prefill chunk's sampled token is discarded, and the CPU generator cannot rewind ("CPU Generator
 does not use offset"), so seeded batches of long prompts crashed (found here; judge prompts of
-~450 tokens x 72 sequences). And on CPU one engine step takes at most `max_model_len` tokens
-(vLLM's CPU default is 4096): prompt log-probs hold a tokens x vocabulary array, 4 GB for 4096
+~450 tokens x 72 sequences). vLLM then warns that disabling chunked prefill "may cause the engine
+to crash or produce incorrect outputs": it says so for every model that supports chunked prefill,
+whatever the settings; with `max_num_batched_tokens = max_model_len` (below) every prompt is
+prefilled whole in one step, vLLM's plain non-chunked path, and the tests check its log-probs
+against transformers' (tests/test_backends.py). The CLI leaves that warning out unless `--debug`
+(`curate.terminal`). And on CPU one engine step takes at most `max_model_len` tokens (vLLM's CPU
+default is 4096): prompt log-probs hold a tokens x vocabulary array, 4 GB for 4096
 tokens of Gemma 3's 262k vocabulary, twice over (logits and log-probs); a test run was killed
 for memory before this.
-Prompts are rendered to token ids by `curate.backends.base.encode_prompt`, so vLLM and
-transformers see identical ids. Leaves out: hidden states (transformers serves those).
+Checkpoints curate converted (GGUF built-ins) are loaded from a copy in the dtype the engine
+runs (`curate.models.checkpoint_in_dtype`; `auto` resolved as vLLM would), so no weight is cast
+while loading. Prompts are rendered to token ids by `curate.backends.base.encode_prompt`, so vLLM
+and transformers see identical ids. Leaves out: hidden states (transformers serves those).
 
 Example: VLLMBackend("smollm2-135m-instruct").generate([ChatRequest(msgs, GenerationParams(max_tokens=64))])
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -26,7 +34,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from curate.backends.base import ChatRequest, Completion, GenerationParams, ScoreItem, encode_item, encode_prompt
-from curate.models import resolve_model
+from curate.models import checkpoint_in_dtype, resolve_model
+from curate.progress import work_done, work_running, work_started
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +47,43 @@ def _on_cuda() -> bool:
         return torch.cuda.is_available()
     except ImportError:  # pragma: no cover - vllm always brings torch
         return False
+
+
+@contextlib.contextmanager
+def _count_tokens(engine: Any) -> Iterator[list]:
+    """Count the tokens the engine generates while the block runs: `[n]`, or `[None]` without a hook.
+
+    Wraps the engine's `output_processor.process_outputs` on this instance only (each step passes
+    it the new token ids of every running request); the class method is back when the block ends.
+    """
+    counted: list = [None]
+    processor = getattr(engine, "output_processor", None)
+    original = getattr(processor, "process_outputs", None)
+    if original is None:
+        yield counted
+        return
+    counted[0] = 0
+
+    def counting(outputs: list, *args: Any, **kwargs: Any) -> Any:
+        counted[0] += sum(len(getattr(o, "new_token_ids", ()) or ()) for o in outputs)
+        return original(outputs, *args, **kwargs)
+
+    own = vars(processor).get("process_outputs")  # normally None: the method comes from the class
+    processor.process_outputs = counting
+    try:
+        yield counted
+    finally:
+        if own is None:
+            del processor.process_outputs
+        else:
+            processor.process_outputs = own
+
+
+def _auto_dtype() -> str:
+    """The dtype vLLM's `auto` resolves a float32 checkpoint to on this device (its first supported dtype)."""
+    from vllm.platforms import current_platform
+
+    return str(current_platform.supported_dtypes[0]).removeprefix("torch.")
 
 
 class VLLMBackend:
@@ -65,12 +111,15 @@ class VLLMBackend:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
+        if dtype == "auto" and resolved.converted:
+            dtype = _auto_dtype()  # what vLLM picks for an fp32 checkpoint, so the cache can keep it in that dtype
         options: dict[str, Any] = {
-            "model": resolved.path,
+            "model": checkpoint_in_dtype(resolved, dtype),  # nothing cast (and warned about) while loading
             "dtype": dtype,
             "seed": seed,
             "enforce_eager": (not cuda) if enforce_eager is None else enforce_eager,
             "tensor_parallel_size": tensor_parallel_size,
+            "use_tqdm_on_load": False,  # curate's progress display says what is loading
         }
         if not cuda:
             options["enable_chunked_prefill"] = False  # see the module docstring
@@ -128,7 +177,8 @@ class VLLMBackend:
             if results[i] and on_done is not None:
                 on_done(i, results[i])
         if prompts:
-            for i, output in self._stream(prompts, params, where):
+            budget = sum(p.max_tokens * p.n for p in params) / len(params)
+            for i, output in self._stream(prompts, params, where, budget=budget):
                 n_prompt = len(output.prompt_token_ids)
                 results[i] = [
                     Completion(c.text, c.finish_reason, len(c.token_ids), n_prompt, self.name) for c in output.outputs
@@ -137,23 +187,39 @@ class VLLMBackend:
                     on_done(i, results[i])
         return results
 
-    def _stream(self, prompts: list, params: list, where: list[int]) -> Iterator[tuple[int, Any]]:
-        """(request index, finished output) as the engine finishes each request."""
+    def _stream(self, prompts: list, params: list, where: list[int], budget: float | None = None) -> Iterator[tuple[int, Any]]:
+        """(request index, finished output) as the engine finishes each request.
+
+        With `budget` (tokens a request may generate: max_tokens x n), the requests still running
+        count as done in proportion to the tokens they generated, for the progress bar
+        (`curate.progress.work_running`), so a part whose requests all finish together still
+        moves while it decodes. The tokens are counted where the engine hands its step outputs
+        to its output processor (`_count_tokens`); without that hook, only finished requests count.
+        """
         ids = self.llm.enqueue(prompts, params, use_tqdm=False)
         # outputs carry the request id without the random suffix enqueue returns ('0' for '0-86b4a4cf')
         index = {rid.split("-", 1)[0]: i for rid, i in zip(ids, where)} | dict(zip(ids, where))
         engine = self.llm.llm_engine
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                if output.finished and output.request_id in index:
+        running, finished_tokens = len(ids), 0
+        with _count_tokens(engine if budget else None) as generated:
+            while engine.has_unfinished_requests():
+                finished = [o for o in engine.step() if o.finished and o.request_id in index]
+                running -= len(finished)
+                if budget and generated[0] is not None:
+                    finished_tokens += sum(len(c.token_ids) for o in finished for c in o.outputs)
+                    work_running(min(running, max(0, generated[0] - finished_tokens) / budget))
+                for output in finished:
                     yield index[output.request_id], output
+        if budget:
+            work_running(0.0)
 
     # Scoring ------------------------------------------------------------------------------
     def logprobs(self, items: list[ScoreItem]) -> list[np.ndarray]:
         """Per-token log-probs (float64 array) of each response given its prompt (METHODS.md §0).
 
         One prefill-only request per item (`max_tokens=1`, `prompt_logprobs=0`: the log-prob of
-        the actual token is always returned); the span starts at the first response token.
+        the actual token is always returned); the span starts at the first response token. Each
+        finished request moves the run's progress bar (`curate.progress`).
         Example: backend.logprobs([ScoreItem(msgs, "Paris.")])[0] -> array([-0.3, -1.2, ...])
         """
         from vllm import SamplingParams
@@ -163,7 +229,12 @@ class VLLMBackend:
         # prompt_logprob_start/_token_ids would score only the span, but need vLLM's V2 model
         # runner, which the CPU wheel lacks; prompt_logprobs=0 works on both.
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _ in encoded], params, use_tqdm=False)
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids, _ in encoded]
+        outputs: list[Any] = [None] * len(prompts)
+        work_started(len(prompts))
+        for i, output in self._stream(prompts, [params] * len(prompts), list(range(len(prompts)))):
+            outputs[i] = output
+            work_done()
         spans = []
         for (ids, start), output in zip(encoded, outputs):
             table = output.prompt_logprobs
