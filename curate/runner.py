@@ -560,6 +560,7 @@ def _run_locked(pipeline: Pipeline, out_dir: str, refresh: list[str] | None, sta
     publish(plan, store, out_dir)
     stats = collect_stats(plan, store, runner, time.perf_counter() - started)
     write_text_atomic(json.dumps(stats.to_json(), indent=2), os.path.join(out_dir, STATS_FILE))
+    from curate.judges.icai_library import write_icai_artifacts; write_icai_artifacts(out_dir)  # hook (issue 13): ICAI artifacts
     log.info("done: %d rows in, %d rows out, %s", stats.rows_in, stats.rows_out,
              ", ".join(f"{k}={v}" for k, v in stats.dropped.items()) or "nothing dropped")
     return stats.to_json()
