@@ -171,7 +171,7 @@ class ConstitutionJudge(Stage):
         if p.baseline:
             annotators.append(("icai_baseline_choice", "icai_baseline_agree", "icai_baseline_text", "baseline_", len(todo)))
         counters: Counter = Counter(counters_of(answers), rows=n, annotated=len(todo))
-        counters.update({a[3] + k: 0 for a in annotators for k in ("agree", "disagree", "unanswered")})
+        counters.update({a[3] + k: 0 for a in annotators for k in ("agree", "disagree", "unanswered", "picked_a")})
         for k, i in enumerate(todo):
             first = self.chosen_first(rows[i][0])
             for choice_col, agree_col, text_col, label, offset in annotators:
@@ -181,6 +181,7 @@ class ConstitutionJudge(Stage):
                 cols[choice_col][i], cols[text_col][i] = choice, answer.text
                 cols[agree_col][i] = None if choice is None else choice == "chosen"
                 counters[label + ("unanswered" if choice is None else "agree" if choice == "chosen" else "disagree")] += 1
+                counters[label + "picked_a"] += letter == "a"  # position bias: a fair annotator picks (a) about half the time
             if cols["icai_choice"][i] is None:
                 cols[self.error_column][i] = "no a/b answer" if answers[k].error is None else f"request failed: {answers[k].error}"
         counters["row_errors"] = sum(e is not None for e in cols[self.error_column])
@@ -204,20 +205,23 @@ def evaluation(counters: dict[str, Any]) -> dict[str, Any]:
 
     Example: evaluation({"agree": 6, "disagree": 3, "unanswered": 1})["constitution"]["share"] -> 0.6
     """
-    out: dict[str, Any] = {"constitution": agreement(int(counters.get("agree", 0)), int(counters.get("disagree", 0)),
-                                                     int(counters.get("unanswered", 0))), "random_baseline": 0.5}
+    def one(prefix: str) -> dict[str, Any]:
+        figures = agreement(*(int(counters.get(prefix + k, 0)) for k in ("agree", "disagree", "unanswered")))
+        return figures | {"picked_a": int(counters.get(prefix + "picked_a", 0))}
+
+    out = {"constitution": one(""), "random_baseline": 0.5}
     if any(k.startswith("baseline_") for k in counters):
-        out["no_constitution"] = agreement(int(counters.get("baseline_agree", 0)), int(counters.get("baseline_disagree", 0)),
-                                           int(counters.get("baseline_unanswered", 0)))
+        out["no_constitution"] = one("baseline_")
     return out
 
 
-def evaluate_constitution(pairs: pa.Table, constitution: list[str], model: str, **params: Any) -> dict[str, Any]:
+def evaluate_constitution(pairs: pa.Table, constitution: list[str], model: str, seed: int = 0, **params: Any) -> dict[str, Any]:
     """§4 (c) 6 on a pair table (the held-out rows): constitution vs no-constitution annotator vs 50%.
 
+    `params` are further ConstitutionParams (backend, dtype, template, ...).
     Example: evaluate_constitution(test_pairs, ["Select the response that is shorter."], "smollm2-135m-instruct")
     """
-    stage = ConstitutionJudge(ConstitutionParams(model=model, constitution=constitution, baseline=True, **params))
+    stage = ConstitutionJudge(ConstitutionParams(model=model, constitution=constitution, baseline=True, **params), seed=seed)
     try:
         return evaluation(stage.apply(pairs).counters)
     finally:

@@ -49,7 +49,7 @@ def propose_regex(count: int, max_tokens: int) -> str:
     """
     fixed = len('{"principles": []}') + count * (len(PREFIX) + len('"", ') + 1)
     free = max(12, (max_tokens - fixed) // max(1, count))
-    item = r'"%s [^"\\\n]{3,%d}"' % (PREFIX, free)
+    item = r'"%s [a-z][^"\\\n<>]{2,%d}"' % (PREFIX, free - 1)  # a word first: never "..." or "<rule>"
     return r'\{"principles": \[' + ", ".join([item] * count) + r"\]\}"
 
 
