@@ -7,7 +7,9 @@ and per-request seeds (built by the stage's own request methods, so both sides d
 engine work; the generated token counts are equal and checked):
 - `self_reward` (§1A): chosen and rejected as two candidates, k samples each, constrained output;
 - `pairwise` (§8.1): both orders, k samples each, constrained output;
-- `cdr` (§2): prefill-only prompt log-prob requests on the strong and the weak engine.
+- `cdr` (§2): prefill-only prompt log-prob requests on the strong and the weak engine;
+- `rationale` (§3): one rationale per pair (T=0.7, top-p 0.9, seeded per row), role rewrite,
+  x_rat and the edit-distance leakage guard.
 Prints rows/s, tok/s (generated tokens for the generative judges, scored prompt+response tokens
 for CDR) and the ratio curate / raw (1.0 = no overhead). Median of `--repeats` after a warm-up.
 
@@ -125,6 +127,20 @@ def bench_cdr(pairs: pa.Table, args: argparse.Namespace) -> None:
            timed(curate, args.repeats)[0], "scored tok")
 
 
+def bench_rationale(pairs: pa.Table, args: argparse.Namespace) -> None:
+    from curate.judges.rationale import RationaleJudge, RationaleParams
+
+    stage = RationaleJudge(RationaleParams(model=MODEL, dtype=args.dtype,
+                                           generation={"max_tokens": args.max_tokens, "temperature": 0.7, "top_p": 0.9}))
+    requests = [stage.request(row_id, msgs, a, b) for row_id, msgs, a, b in zip(
+        pairs.column("id").to_pylist(), pairs.column("prompt").to_pylist(), pairs.column("chosen").to_pylist(),
+        pairs.column("rejected").to_pylist())]
+    raw = timed(raw_generate(stage.models.get(MODEL), requests), args.repeats)
+    cur_s, tokens = timed(lambda: stage.apply(pairs).counters["tokens_generated"], args.repeats)
+    assert tokens == raw[1], f"the stage generated {tokens} tokens, the raw engine {raw[1]}: not the same work"
+    report(f"rationale (general, max {args.max_tokens} tokens)", pairs.num_rows, raw, cur_s, "generated tok")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=8)
@@ -134,14 +150,15 @@ def main() -> None:
     parser.add_argument("--weak", default="gemma3-270m")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-prompt-chars", type=int, default=1500, help="keep HH pairs with shorter conversations")
-    parser.add_argument("--judges", default="self_reward,pairwise,cdr")
+    parser.add_argument("--judges", default="self_reward,pairwise,cdr,rationale")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     pairs = hh_pairs(args.pairs, seed=1)
     short = [sum(len(m["content"]) for m in msgs) < args.max_prompt_chars for msgs in pairs.column("prompt").to_pylist()]
     pairs = pairs.filter(pa.array(short))
     for name in args.judges.split(","):
-        {"self_reward": bench_self_reward, "pairwise": bench_pairwise, "cdr": bench_cdr}[name](pairs, args)
+        {"self_reward": bench_self_reward, "pairwise": bench_pairwise, "cdr": bench_cdr,
+         "rationale": bench_rationale}[name](pairs, args)
 
 
 if __name__ == "__main__":

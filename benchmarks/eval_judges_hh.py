@@ -22,25 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 
 import pyarrow as pa
 
+from curate.agreement import wilson
 from hh_data import hh_pairs  # benchmarks/ is on sys.path when run as a script
 
 
 MODEL = "smollm2-135m-instruct"
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of k successes in n. Example: wilson(50, 100) -> (0.404, 0.596)"""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
 
 
 def summary(agree: int, disagree: int, n: int, seconds: float, **extra) -> dict:

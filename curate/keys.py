@@ -89,3 +89,11 @@ def row_seed(row_id: str, scope: str, seed: int) -> int:
     """
     h = hashlib.blake2b(f"{seed}\x1f{scope}\x1f{row_id}".encode("utf-8"), digest_size=8)
     return int.from_bytes(h.digest(), "little")
+
+
+def row_coin(row_id: str, scope: str, seed: int, p: float = 0.5) -> bool:
+    """A seeded biased coin for one row: True with probability p, from `row_seed` (re-sharding changes nothing).
+
+    Used for presentation orders and held-out splits. Example: row_coin("r1", "judge:order", 0) -> True
+    """
+    return row_seed(row_id, scope, seed) / 2**64 < p

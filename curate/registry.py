@@ -34,6 +34,10 @@ BUILTIN_MODULES = (
     "curate.judges.pairwise",
     "curate.judges.cdr",
     "curate.judges.scir",
+    "curate.judges.rationale",
+    "curate.judges.icai_stages",
+    "curate.judges.icai_fit",
+    "curate.judges.constitution",
 )
 
 _STAGES: dict[str, type[Stage]] = {}

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.card import write_card
+from curate.judges.icai_library import write_icai_artifacts
 from curate.config import Pipeline
 from curate.errors import ConfigError, CurateError
 from curate.executors import Executor, make_executor
@@ -222,6 +223,7 @@ def _run_locked(pipeline: Pipeline, out_dir: str, refresh: list[str] | None, sta
     publish(plan, store, out_dir)
     stats = collect_stats(plan, store, run_log, time.perf_counter() - started, executor.name)
     write_text_atomic(json.dumps(stats.to_json(), indent=2), os.path.join(out_dir, STATS_FILE))
+    write_icai_artifacts(out_dir)  # constitution.json and the ICAI tables, when the run mined principles
     write_card(out_dir)  # the dataset card (README.md), written by every run (curate/card.py)
     log.info("done: %d rows in, %d rows out, %s", stats.rows_in, stats.rows_out,
              ", ".join(f"{k}={v}" for k, v in stats.dropped.items()) or "nothing dropped")

