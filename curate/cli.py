@@ -1,7 +1,8 @@
 """The `curate` command line: a thin layer over `curate.config`, `curate.plan` and `curate.runner`.
 
 Errors meant for the user print as one line (`error: file:line: message`) with a non-zero exit
-code and no traceback; `--debug` shows the traceback. `curate report` writes a run's HTML report (`curate.report`).
+code and no traceback; `--debug` shows the traceback. Logging and the terminal are set up by
+`curate.terminal`; `curate report` writes a run's HTML report (`curate.report`).
 
 Example: curate run pipelines/quickstart.yaml --out out/quickstart
 """

@@ -281,14 +281,15 @@ class SegmentProgress:
         if bars is not None:
             self._task = bars.add_task(self.label, total=max(self.total, 1), completed=self.rows_done(), segment=self)
 
-    def close(self) -> None:
-        """Remove the bar and log one line per stage."""
+    def close(self, failed: bool = False) -> None:
+        """Remove the bar and log one line per stage (none when the segment failed: its error says why)."""
         if self._task is not None:
             self._bars.remove_task(self._task)
             self._bars.refresh()  # else the lines below are printed above the removed bar's last frame
             self._task = None
-        for line in self.lines.values():
-            log.info("%s", line.line(self.n_parts))
+        if not failed:
+            for line in self.lines.values():
+                log.info("%s", line.line(self.n_parts))
 
 
 # The live display ---------------------------------------------------------------------------------
@@ -344,8 +345,10 @@ def segment_progress(label: str, stages: dict[str, str], todo_rows: dict[int, in
     progress = SegmentProgress(label, stages, todo_rows, cached, cached_rows)
     progress.open(_bars if todo_rows else None)
     _LISTENING[segment_key] = progress
+    failed = True
     try:
         yield progress
+        failed = False
     finally:
         _LISTENING.pop(segment_key, None)
-        progress.close()
+        progress.close(failed)

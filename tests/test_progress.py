@@ -128,3 +128,17 @@ stages:
     assert with_eta, before_commit  # a rate and an ETA while the part was running
     rows_in_order = [rows for rows, _ in before_commit]
     assert rows_in_order == sorted(rows_in_order)  # never goes back
+
+
+def test_a_failed_segment_prints_no_stage_lines(caplog):
+    with caplog.at_level("INFO", logger="curate.progress"), pytest.raises(RuntimeError):
+        with progress.segment_progress("gen", {"k": "gen"}, {0: 3}, {}, 0, "seg-key"):
+            assert "seg-key" in progress._LISTENING
+            raise RuntimeError("the stage failed")
+    assert "seg-key" not in progress._LISTENING and not [r for r in caplog.records if "✓" in r.getMessage()]
+    with caplog.at_level("INFO", logger="curate.progress"):
+        with progress.segment_progress("gen", {"k": "gen"}, {}, {0: {"stages": {"k": {"rows_in": 3, "rows_out": 3}}}},
+                                       3, "seg-key"):
+            pass
+    assert [r.getMessage().split()[:6] for r in caplog.records] == [["✓", "gen", "3", "→", "3", "rows"]]
+    assert caplog.records[0].getMessage().endswith("cached")
