@@ -156,12 +156,13 @@ class _scratch_store:
 def run(pipeline: str, out: str | None, refresh: tuple[str, ...], executor: str | None, workers: int | None,
         scheduler: str | None, overrides: tuple[str, ...]) -> None:
     """Run a pipeline; resume whatever a previous run of the same pipeline finished."""
+    from curate.terminal import quiet_library_progress
+
+    quiet_library_progress()  # before the libraries that read it are imported
     from curate.config import load_pipeline
     from curate.executors import make_executor
     from curate.runner import run_pipeline
-    from curate.terminal import quiet_library_progress
 
-    quiet_library_progress()
     spec = load_pipeline(pipeline, list(overrides))
     chosen = spec.spec.executor
     kind = executor or ("dask" if scheduler or workers else chosen.kind)

@@ -93,7 +93,10 @@ def work_running(items: float) -> None:
 
 @contextlib.contextmanager
 def activity(text: str) -> Iterator[None]:
-    """Name what the running part does meanwhile (shown next to its bar). Example: with activity("loading models"): ..."""
+    """Name what the running part does meanwhile (shown next to its bar).
+
+    Example: with activity("loading models"): open the stages
+    """
     if _current is None:
         yield
         return
@@ -262,7 +265,8 @@ class SegmentProgress:
         """Example: '7.5/12 rows, 0.31 rows/s, 0:00:24 elapsed, ETA 0:00:15'"""
         rate, eta = self.rate(), self.eta()
         text = f"{self.rows_done():,.1f}/{self.total:,} rows, " + (f"{per_second(rate)} rows/s" if rate else "– rows/s")
-        text += f", {clock(time.perf_counter() - self.started)} elapsed, ETA " + (clock(eta) if eta is not None else "–")
+        elapsed = clock(time.perf_counter() - self.started)
+        text += f", {elapsed} elapsed, ETA " + (clock(eta) if eta is not None else "–")
         return text + (f" ({self.activity})" if self.activity else "")
 
     # Display --------------------------------------------------------------------------------

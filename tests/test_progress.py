@@ -100,7 +100,8 @@ def test_a_model_stage_moves_the_bar_per_request_before_its_part_is_committed(tm
     from curate.runner import run_pipeline
     from curate.store import Store
 
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    rows = [json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)]
+    (tmp_path / "p.jsonl").write_text("".join(rows))
     text = """source: {path: p.jsonl, part_rows: 6}
 stages:
   - stage: generators.responses
@@ -112,8 +113,8 @@ stages:
     seen: list[tuple[float, str, bool]] = []
     original = SegmentProgress.work
 
-    def recording(self, index, expected=0, done=0):
-        original(self, index, expected=expected, done=done)
+    def recording(self, index, expected=0, done=0, running=None):
+        original(self, index, expected=expected, done=done, running=running)
         key = next(k for k, v in progress._LISTENING.items() if v is self)
         seen.append((self.rows_done(), self.status(), index in Store(str(out)).finished(key)))
 
@@ -121,7 +122,7 @@ stages:
     stats = run_pipeline(parse_pipeline(text, str(tmp_path / "p.yaml")), out=str(out))
     assert stats["rows_out"] == 6
     before_commit = [(rows, status) for rows, status, committed in seen if not committed]
-    assert len(before_commit) == len(seen) >= 6  # one call per request (plus one per engine call), all before the commit
+    assert len(before_commit) == len(seen) >= 6  # a call per request and per engine step, all before the commit
     moving = sorted({rows for rows, _ in before_commit if 0 < rows < 6})
     assert len(moving) >= 4, before_commit  # the bar moved at least 4 times inside the part
     with_eta = [status for rows, status in before_commit if 0 < rows < 6 and "ETA 0:" in status]
