@@ -53,8 +53,8 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(curate.__version__, prog_name="curate")
-@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks, debug logs and the engines' and libraries' INFO logs.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors (no progress bars or stage lines).")
 def main(debug: bool, quiet: bool) -> None:
     """Build preference datasets (prompt / chosen / rejected) from declarative YAML pipelines."""
     from curate.terminal import configure
