@@ -16,7 +16,8 @@ import sys
 
 CASES = {
     "import curate": "import curate",
-    "import curate.filters, .judges, .generators (lazy)": "import curate, curate.filters, curate.judges, curate.generators",
+    "import curate.filters, .judges, .generators (lazy)":
+        "import curate, curate.filters, curate.judges, curate.generators",
     "every export of the three packages (eager)": (
         "import curate.filters as f, curate.judges as j, curate.generators as g\n"
         "for m in (f, j, g):\n    [getattr(m, n) for n in m.__all__]"),

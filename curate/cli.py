@@ -1,7 +1,8 @@
 """The `curate` command line: a thin layer over `curate.config`, `curate.plan` and `curate.runner`.
 
 Errors meant for the user print as one line (`error: file:line: message`) with a non-zero exit
-code and no traceback; `--debug` shows the traceback. `curate report` writes a run's HTML report (`curate.report`).
+code and no traceback; `--debug` shows the traceback. Logging and the terminal are set up by
+`curate.terminal`; `curate report` writes a run's HTML report (`curate.report`).
 
 Example: curate run pipelines/quickstart.yaml --out out/quickstart
 """
@@ -52,8 +53,8 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(curate.__version__, prog_name="curate")
-@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks, debug logs and the engines' and libraries' INFO logs.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors (no progress bars or stage lines).")
 def main(debug: bool, quiet: bool) -> None:
     """Build preference datasets (prompt / chosen / rejected) from declarative YAML pipelines."""
     from curate.terminal import configure
@@ -155,12 +156,13 @@ class _scratch_store:
 def run(pipeline: str, out: str | None, refresh: tuple[str, ...], executor: str | None, workers: int | None,
         scheduler: str | None, overrides: tuple[str, ...]) -> None:
     """Run a pipeline; resume whatever a previous run of the same pipeline finished."""
+    from curate.terminal import quiet_library_progress
+
+    quiet_library_progress()  # before the libraries that read it are imported
     from curate.config import load_pipeline
     from curate.executors import make_executor
     from curate.runner import run_pipeline
-    from curate.terminal import quiet_library_progress
 
-    quiet_library_progress()
     spec = load_pipeline(pipeline, list(overrides))
     chosen = spec.spec.executor
     kind = executor or ("dask" if scheduler or workers else chosen.kind)

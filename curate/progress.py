@@ -93,7 +93,10 @@ def work_running(items: float) -> None:
 
 @contextlib.contextmanager
 def activity(text: str) -> Iterator[None]:
-    """Name what the running part does meanwhile (shown next to its bar). Example: with activity("loading models"): ..."""
+    """Name what the running part does meanwhile (shown next to its bar).
+
+    Example: with activity("loading models"): open the stages
+    """
     if _current is None:
         yield
         return
@@ -262,7 +265,8 @@ class SegmentProgress:
         """Example: '7.5/12 rows, 0.31 rows/s, 0:00:24 elapsed, ETA 0:00:15'"""
         rate, eta = self.rate(), self.eta()
         text = f"{self.rows_done():,.1f}/{self.total:,} rows, " + (f"{per_second(rate)} rows/s" if rate else "– rows/s")
-        text += f", {clock(time.perf_counter() - self.started)} elapsed, ETA " + (clock(eta) if eta is not None else "–")
+        elapsed = clock(time.perf_counter() - self.started)
+        text += f", {elapsed} elapsed, ETA " + (clock(eta) if eta is not None else "–")
         return text + (f" ({self.activity})" if self.activity else "")
 
     # Display --------------------------------------------------------------------------------
@@ -281,14 +285,15 @@ class SegmentProgress:
         if bars is not None:
             self._task = bars.add_task(self.label, total=max(self.total, 1), completed=self.rows_done(), segment=self)
 
-    def close(self) -> None:
-        """Remove the bar and log one line per stage."""
+    def close(self, failed: bool = False) -> None:
+        """Remove the bar and log one line per stage (none when the segment failed: its error says why)."""
         if self._task is not None:
             self._bars.remove_task(self._task)
             self._bars.refresh()  # else the lines below are printed above the removed bar's last frame
             self._task = None
-        for line in self.lines.values():
-            log.info("%s", line.line(self.n_parts))
+        if not failed:
+            for line in self.lines.values():
+                log.info("%s", line.line(self.n_parts))
 
 
 # The live display ---------------------------------------------------------------------------------
@@ -344,8 +349,10 @@ def segment_progress(label: str, stages: dict[str, str], todo_rows: dict[int, in
     progress = SegmentProgress(label, stages, todo_rows, cached, cached_rows)
     progress.open(_bars if todo_rows else None)
     _LISTENING[segment_key] = progress
+    failed = True
     try:
         yield progress
+        failed = False
     finally:
         _LISTENING.pop(segment_key, None)
-        progress.close()
+        progress.close(failed)

@@ -79,7 +79,10 @@ class Section:
 
 
 def read_columns(files: list[str], names: list[str]) -> dict[str, pa.ChunkedArray]:
-    """The named columns present in the shards, read across all of them. Example: read_columns(run.data_files, ["margin"])"""
+    """The named columns present in the shards, read across all of them.
+
+    Example: read_columns(run.data_files, ["margin"])["margin"].length()
+    """
     present = [n for n in names if n in pq.read_schema(files[0]).names] if files else []
     if not present:
         return {}
@@ -112,7 +115,8 @@ def _scores(columns: dict[str, pa.ChunkedArray]) -> Section | None:
                            charts.histogram(series, "score", colors=(charts.CHOSEN, charts.REJECTED)),
                            "The score each pair's chosen and rejected reply got (shared bins)."))
     if "margin" in columns:
-        found.append(Chart("Margin", charts.histogram({"margin": numbers(columns["margin"])}, "chosen − rejected score"),
+        margin = charts.histogram({"margin": numbers(columns["margin"])}, "chosen − rejected score")
+        found.append(Chart("Margin", margin,
                            "How far apart the two replies of a pair were scored."))
     return Section("scores", "Scores and margins", found) if found else None
 
@@ -128,12 +132,14 @@ def _lengths(run: Run, columns: dict[str, pa.ChunkedArray]) -> Section | None:
     if share is not None:
         verdict = ("far above half: a model trained on these pairs can learn that longer is better" if share > 0.6
                    else "the chosen reply is mostly the shorter one" if share < 0.4 else "close to half")
-        intro = f"The chosen reply is longer in {bias['chosen_longer']:,} of {bias['pairs']:,} pairs ({100 * share:.0f}%): {verdict}."
+        intro = (f"The chosen reply is longer in {bias['chosen_longer']:,} of {bias['pairs']:,} pairs "
+                 f"({100 * share:.0f}%): {verdict}.")
     series = {"chosen": chosen.astype(np.float64), "rejected": rejected.astype(np.float64)}
     return Section("lengths", "Chosen vs rejected lengths", [
         Chart("Reply lengths", charts.histogram(series, "characters", colors=(charts.CHOSEN, charts.REJECTED)),
               "Characters per reply (all turns of the reply)."),
-        Chart("Per pair", charts.scatter_lengths(chosen, rejected), "Above the dotted diagonal: the rejected reply is longer."),
+        Chart("Per pair", charts.scatter_lengths(chosen, rejected),
+              "Above the dotted diagonal: the rejected reply is longer."),
     ], intro)
 
 
@@ -188,13 +194,18 @@ def _timings(run: Run) -> Section:
 
 
 def build_sections(run: Run) -> list[Section]:
-    """Every section the run has data for, in reading order. Example: [s.id for s in build_sections(load_run("out/q"))]"""
+    """Every section the run has data for, in reading order.
+
+    Example: [s.id for s in build_sections(load_run("out/q"))] -> ['funnel', 'scores', ...]
+    """
     if not run.data_files:
         raise ConfigError("the run folder has no published shards (data/*.parquet)", where=run.out_dir)
     schema = pq.read_schema(run.data_files[0])
     method_names = [n for _, _, names, _ in METHODS for n in names] + list(CATEGORIES)
-    columns = read_columns(run.data_files, ["chosen_score", "rejected_score", "margin", "chosen", "rejected"] + method_names)
-    sections = [_funnel(run), _scores(columns), _lengths(run, columns), *_methods(run, columns), _judges(run), _timings(run)]
+    wanted = ["chosen_score", "rejected_score", "margin", "chosen", "rejected"] + method_names
+    columns = read_columns(run.data_files, wanted)
+    sections = [_funnel(run), _judges(run), _scores(columns), _lengths(run, columns), *_methods(run, columns),
+                _timings(run)]
     stats = column_statistics(run.data_files, schema)
     if stats:
         sections.append(Section("statistics", "Numeric columns", table=[

@@ -100,7 +100,8 @@ def test_a_model_stage_moves_the_bar_per_request_before_its_part_is_committed(tm
     from curate.runner import run_pipeline
     from curate.store import Store
 
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    rows = [json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)]
+    (tmp_path / "p.jsonl").write_text("".join(rows))
     text = """source: {path: p.jsonl, part_rows: 6}
 stages:
   - stage: generators.responses
@@ -112,8 +113,8 @@ stages:
     seen: list[tuple[float, str, bool]] = []
     original = SegmentProgress.work
 
-    def recording(self, index, expected=0, done=0):
-        original(self, index, expected=expected, done=done)
+    def recording(self, index, expected=0, done=0, running=None):
+        original(self, index, expected=expected, done=done, running=running)
         key = next(k for k, v in progress._LISTENING.items() if v is self)
         seen.append((self.rows_done(), self.status(), index in Store(str(out)).finished(key)))
 
@@ -121,10 +122,24 @@ stages:
     stats = run_pipeline(parse_pipeline(text, str(tmp_path / "p.yaml")), out=str(out))
     assert stats["rows_out"] == 6
     before_commit = [(rows, status) for rows, status, committed in seen if not committed]
-    assert len(before_commit) == len(seen) >= 6  # one call per request (plus one per engine call), all before the commit
+    assert len(before_commit) == len(seen) >= 6  # a call per request and per engine step, all before the commit
     moving = sorted({rows for rows, _ in before_commit if 0 < rows < 6})
     assert len(moving) >= 4, before_commit  # the bar moved at least 4 times inside the part
     with_eta = [status for rows, status in before_commit if 0 < rows < 6 and "ETA 0:" in status]
     assert with_eta, before_commit  # a rate and an ETA while the part was running
     rows_in_order = [rows for rows, _ in before_commit]
     assert rows_in_order == sorted(rows_in_order)  # never goes back
+
+
+def test_a_failed_segment_prints_no_stage_lines(caplog):
+    with caplog.at_level("INFO", logger="curate.progress"), pytest.raises(RuntimeError):
+        with progress.segment_progress("gen", {"k": "gen"}, {0: 3}, {}, 0, "seg-key"):
+            assert "seg-key" in progress._LISTENING
+            raise RuntimeError("the stage failed")
+    assert "seg-key" not in progress._LISTENING and not [r for r in caplog.records if "✓" in r.getMessage()]
+    with caplog.at_level("INFO", logger="curate.progress"):
+        with progress.segment_progress("gen", {"k": "gen"}, {}, {0: {"stages": {"k": {"rows_in": 3, "rows_out": 3}}}},
+                                       3, "seg-key"):
+            pass
+    assert [r.getMessage().split()[:6] for r in caplog.records] == [["✓", "gen", "3", "→", "3", "rows"]]
+    assert caplog.records[0].getMessage().endswith("cached")

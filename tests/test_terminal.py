@@ -41,7 +41,7 @@ def _curate(*args: str) -> list[str]:
 
 
 def _in_terminal(command: list[str], cwd: Path, timeout: float = 900) -> tuple[int, str]:
-    """Run a command with stdout and stderr on a pseudo-terminal (as a user's shell would); return its exit code and output."""
+    """Run a command with stdout and stderr on a pseudo-terminal, as a user's shell would; return exit code and output."""
     leader, follower = pty.openpty()
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "140", "LINES": "40"}
     proc = subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=env)
@@ -82,7 +82,8 @@ def test_default_level_on_a_terminal_shows_live_bars_stage_lines_and_no_engine_i
             for stage in STAGES}
     assert all(i is not None for i in done.values()), done  # one line per stage, in order
     assert list(done.values()) == sorted(done.values())
-    bar = re.compile(r"^(?:\S\s+)?(generate|judge)\s.*?([\d.]+)/3 rows, (?:[\d.]+|–) rows/s, \d:\d\d:\d\d elapsed, ETA (\S+)")
+    bar = re.compile(r"^(?:\S\s+)?(generate|judge)\s.*?([\d.]+)/3 rows, (?:[\d.]+|–) rows/s, "
+                     r"\d:\d\d:\d\d elapsed, ETA (\S+)")
     live = [(m.group(1), float(m.group(2)), m.group(3), i) for i, f in enumerate(frames) if (m := bar.search(f))]
     assert {stage for stage, *_ in live} == {"generate", "judge"}, frames[:40]
     assert all(i < done[stage] for stage, _, _, i in live)  # bars are shown while the stage runs
@@ -122,5 +123,6 @@ def test_plan_numbers_stages_as_set_counts_them(scored):
     assert [line.split()[1] for line in lines] == ["nonempty", "length", "dedup_prompts", "pairs", "reply_length",
                                                    "dedup_pairs", "min_margin", "trl"]
     assert [line.split()[0] for line in lines] == [f"stages.{i}" for i in range(8)]
-    changed = json.loads(runner.invoke(main, ["plan", str(scored), "--json", "--set", "stages.6.params.min=2.5"]).stdout)
+    changed = runner.invoke(main, ["plan", str(scored), "--json", "--set", "stages.6.params.min=2.5"])
+    changed = json.loads(changed.stdout)
     assert changed["stages"][6]["id"] == "min_margin" and changed["stages"][6]["params"]["min"] == 2.5

@@ -187,7 +187,8 @@ class VLLMBackend:
                     on_done(i, results[i])
         return results
 
-    def _stream(self, prompts: list, params: list, where: list[int], budget: float | None = None) -> Iterator[tuple[int, Any]]:
+    def _stream(self, prompts: list, params: list, where: list[int],
+                budget: float | None = None) -> Iterator[tuple[int, Any]]:
         """(request index, finished output) as the engine finishes each request.
 
         With `budget` (tokens a request may generate: max_tokens x n), the requests still running
