@@ -245,7 +245,7 @@ def test_filter_caps_by_reclustering_the_top_principles_with_minilm():
 
 
 def _scripted_everything(prompt: str) -> str:
-    if '{"principles":' in prompt:
+    if 'key "principles"' in prompt:
         return ('{"principles": ["Select the response that is shorter.", "Select the response that is polite.", '
                 '"Select the response that cites sources."]}')
     if "<A>" in prompt:
