@@ -2,8 +2,9 @@
 
 1. Prompts: the first user turn of a seeded sample of HH-RLHF harmless-base test pairs
    (../shared/data; only the questions are used).
-2. Replies: `--model` answers each prompt twice (vLLM, T=0.7, top-p 0.95), once told to be brief
-   and once told to answer in detail (system prompts), so most pairs differ clearly in length.
+2. Replies: `--reply-model` (default: `--model`) answers each prompt twice (vLLM, T=0.7, top-p
+   0.95), once told to be brief and once told to answer in detail (system prompts), so most
+   pairs differ clearly in length.
 3. The planted rule labels the pair: the shorter reply (characters) is chosen; pairs whose
    lengths differ by less than `--min-ratio` are left out, so length is a clear signal.
 4. `mine_principles` with its defaults (METHODS §4 (d); `--clusters`, `--max-principles` as
@@ -65,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=120, help="prompts to answer (pairs kept: those with a clear length gap)")
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--reply-model", default=None, help="model that writes the replies (default: --model)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--min-ratio", type=float, default=1.5)
@@ -78,7 +80,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     options = {"dtype": args.dtype, "max_model_len": 4096}
     started = time.perf_counter()
-    pairs = planted_pairs(args.pairs, args.model, args.max_tokens, args.min_ratio, args.seed, **options)
+    pairs = planted_pairs(args.pairs, args.reply_model or args.model, args.max_tokens, args.min_ratio, args.seed, **options)
     generated = time.perf_counter()
     print(f"{pairs.num_rows} planted pairs from {args.pairs} prompts ({generated - started:.0f} s)", flush=True)
     constitution = mine_principles(pairs, model=args.model, clusters=args.clusters, max_principles=args.max_principles,
@@ -88,7 +90,8 @@ def main() -> None:
     oracle = evaluate_constitution(test, TRUE_RULE, args.model, seed=args.seed, **options)
     found = [p for p in constitution.principles if LENGTH_RULE.search(p)]
     candidates = constitution.clusters.column("candidate").to_pylist()
-    result = {"pairs": pairs.num_rows, "heldout": test.num_rows, "model": args.model, "constitution": constitution.principles,
+    result = {"pairs": pairs.num_rows, "heldout": test.num_rows, "model": args.model,
+              "reply_model": args.reply_model or args.model, "constitution": constitution.principles,
               "length_principles": found, "length_candidates": sum(bool(LENGTH_RULE.search(c)) for c in candidates),
               "candidates": len(candidates), "metrics": constitution.metrics.to_pylist(),
               "evaluation": constitution.evaluation, "true_rule_evaluation": oracle,

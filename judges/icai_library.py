@@ -31,7 +31,7 @@ from curate.errors import InputError
 from curate.filters.near_dup import DEFAULT_EMBEDDER
 from curate.judges.constitution import ConstitutionJudge, ConstitutionParams, evaluation
 from curate.judges.icai import numbered
-from curate.judges.icai_fit import ClusterParams, FilterParams, ICAICluster, ICAIFilter, constitution_of
+from curate.judges.icai_fit import CLUSTER_STATE, ClusterParams, FilterParams, ICAICluster, ICAIFilter, constitution_of
 from curate.judges.icai_stages import EmbedParams, ICAIEmbed, ICAIPropose, ICAIVote, ProposeParams, VoteParams
 from curate.record import load_run
 from curate.sources import normalize
@@ -100,7 +100,8 @@ class Constitution:
         """
         paths = [os.path.join(folder, name) for name in ARTIFACTS]
         lines = [json.dumps({"row_id": r["row_id"], "index": r["index"], "candidate": r["candidate"],
-                             "principle_id": r["principle_id"]}, ensure_ascii=False) for r in self.clusters.to_pylist()]
+                             "principle_id": r["principle_id"], "drawn": r["drawn"]}, ensure_ascii=False)
+                 for r in self.clusters.to_pylist()]
         write_text_atomic("".join(line + "\n" for line in lines), paths[0])
         write_text_atomic(json.dumps(self.cluster_summary(), indent=2, ensure_ascii=False), paths[1])
         write_parquet_atomic(self.votes, paths[2])
@@ -111,22 +112,18 @@ class Constitution:
     @classmethod
     def load(cls, folder: str) -> "Constitution":
         """Read the artifacts `save` wrote. Example: Constitution.load("out/icai/icai")"""
-        with open(os.path.join(folder, "constitution.json"), encoding="utf-8") as f:
-            data = json.load(f)
-        from curate.judges.icai_fit import CLUSTER_STATE
+        def read_json(name: str) -> Any:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                return json.load(f)
 
         with open(os.path.join(folder, "principles_candidates.jsonl"), encoding="utf-8") as f:
             candidates = [json.loads(line) for line in f if line.strip()]
-        principle = {c["principle_id"]: c["principle"] for c in cls._clusters_json(folder)}
-        clusters = pa.Table.from_pylist([{**c, "principle": principle.get(c["principle_id"]), "drawn": principle.get(
-            c["principle_id"]) == c["candidate"]} for c in candidates], schema=CLUSTER_STATE)
+        drawn = {c["principle_id"]: c["principle"] for c in read_json("clusters.json")}
+        clusters = pa.Table.from_pylist([c | {"principle": drawn.get(c["principle_id"])} for c in candidates],
+                                        schema=CLUSTER_STATE)
+        data = read_json("constitution.json")
         return cls(data["principles"], pq.read_table(os.path.join(folder, "principle_metrics.parquet")), clusters,
                    pq.read_table(os.path.join(folder, "votes.parquet")), data.get("evaluation"), data.get("config") or {})
-
-    @staticmethod
-    def _clusters_json(folder: str) -> list[dict[str, Any]]:
-        with open(os.path.join(folder, "clusters.json"), encoding="utf-8") as f:
-            return json.load(f)
 
 
 def as_pair_table(table: pa.Table) -> pa.Table:

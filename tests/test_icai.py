@@ -245,7 +245,7 @@ def test_filter_caps_by_reclustering_the_top_principles_with_minilm():
 
 
 def _scripted_everything(prompt: str) -> str:
-    if '{"principles":' in prompt:
+    if 'key "principles"' in prompt:
         return ('{"principles": ["Select the response that is shorter.", "Select the response that is polite.", '
                 '"Select the response that cites sources."]}')
     if "<A>" in prompt:
@@ -310,6 +310,7 @@ def test_icai_pipeline_publishes_the_artifacts_with_a_scripted_judge(tmp_path, m
     assert run.stats.stage("principles").fit["constitution"] == data["principles"]
     loaded = Constitution.load(str(folder))
     assert loaded.principles == data["principles"] and loaded.votes.equals(votes)
+    assert loaded.clusters.equals(pq.read_table(tmp_path / "out" / "states" / "cluster.parquet").replace_schema_metadata(None))
     assert str(loaded) == "1. Select the response that is shorter."
 
 
