@@ -163,13 +163,15 @@ def main() -> None:
     parser.add_argument("--score-rows", type=int, default=96)
     parser.add_argument("--score-batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-generation", action="store_true")
+    parser.add_argument("--skip-generation", action="store_true", help="same as --sections scoring")
+    parser.add_argument("--sections", default="generation,parts,scoring",
+                        help="comma-separated: generation, parts, scoring (default: all three)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if not args.skip_generation:
-        bench_generation(args)
-        bench_parts(args)
-    bench_scoring(args)
+    sections = {"scoring"} if args.skip_generation else set(args.sections.split(","))
+    for name, bench in (("generation", bench_generation), ("parts", bench_parts), ("scoring", bench_scoring)):
+        if name in sections:
+            bench(args)
 
 
 if __name__ == "__main__":
