@@ -21,9 +21,11 @@ speed ratio naive / closed form (goal >= 20x).
 Then, with `--rows N` (> 0), the whole scorer against its honest limit: the closed form needs
 exactly one forward pass, so `donod_scores` (through `filters.donod.score_with_backend`: the
 transformers backend's hidden states in its length-sorted batches, then the batched closed
-form in float64) is timed against a raw batched forward of the same model on the same rows
-(`model(...).logits` over the same `P + R + [EOS]` ids, in the same length-sorted batches,
-tokenised beforehand and not timed). The two alternate over `--forward-repeats` (median). Model:
+form in float64) is timed against a raw batched forward of the same model on the same rows:
+the backbone over the same `P + R + [EOS]` ids in the same length-sorted batches and padding
+(tokenised beforehand, not timed), then the output layer in fp32 at exactly the positions that
+predict response tokens, the logits DONOD reads (logits at every prompt position too would make
+the raw side do more than DONOD needs). The two alternate over `--forward-repeats` (median). Model:
 `--model` (default SmolLM2-135M-Instruct, fp32) or `--random-model` (a random Llama at SmolLM2's
 dimensions, for a machine without the model files, e.g. a GPU); rows: HH pairs' chosen replies
 where the data is present, else seeded synthetic text. Prints `donod vs raw forward: X`
@@ -142,14 +144,21 @@ def random_model_folder(tokenizer_from: str | None) -> str:
     return path
 
 
-def raw_forward(backend, encoded: list[list[int]], batches: list[list[int]]) -> None:
-    """The model's full forward (logits over the vocabulary) over the given batches, right padding."""
+def raw_forward(backend, encoded: list[tuple[list[int], int]], batches: list[list[int]]) -> None:
+    """The model's forward over the given batches (the backend's padding side), then the output layer
+    (fp32 logits over the vocabulary) at exactly the positions that predict response tokens: the
+    forward pass DONOD's closed form needs, and no more."""
     import torch
 
+    backbone = backend.model.get_decoder()
+    head = backend.model.get_output_embeddings()
     with torch.inference_mode():
         for batch in batches:
-            ids, mask, positions, _ = backend._padded([encoded[i] for i in batch], "right")
-            backend.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            ids, mask, positions, offsets = backend._padded([encoded[i][0] for i in batch], backend.padding_side)
+            hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+            for b, i in enumerate(batch):
+                row, start = encoded[i]
+                head(hidden[b, offsets[b] + start - 1: offsets[b] + len(row) - 1])
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
 
@@ -169,13 +178,14 @@ def forward_ratio(args: argparse.Namespace) -> None:
     backend = open_backend("transformers", model, dtype="float32")
     layer = OutputLayer.of(backend.model)  # read once, as the stage does in open()
     messages, replies = table.column("prompt").to_pylist(), table.column("chosen").to_pylist()
-    encoded = [encode_pair(backend.tokenizer, m, r)[0][:args.max_length] for m, r in zip(messages, replies)]
-    batches = list(length_batches([len(e) for e in encoded], backend.batch_tokens, backend.max_rows))
-    tokens = sum(len(e) for e in encoded)
+    encoded = [(ids[:args.max_length], start) for ids, start in
+               (encode_pair(backend.tokenizer, m, r) for m, r in zip(messages, replies))]
+    batches = list(length_batches([len(e) for e, _ in encoded], backend.batch_tokens, backend.max_rows))
+    tokens = sum(len(e) for e, _ in encoded)
     print(f"\nforward check: {args.rows} rows ({tokens} tokens, {len(batches)} length-sorted batches), "
           f"{'random ' if args.random_model else ''}{backend.name}, fp32 weights, on {backend.device}")
     score_with_backend(table.slice(0, 2), backend, max_length=args.max_length, layer=layer)  # warm-up
-    raw_forward(backend, encoded[:2], [[0, 1]])
+    raw_forward(backend, encoded, [[0, 1]])
     rates: dict[str, list[float]] = {"donod": [], "raw": []}
     for repeat in range(args.forward_repeats):
         for side in (("raw", "donod") if repeat % 2 == 0 else ("donod", "raw")):
@@ -186,7 +196,7 @@ def forward_ratio(args: argparse.Namespace) -> None:
                 score_with_backend(table, backend, max_length=args.max_length, layer=layer)
             rates[side].append(args.rows / (time.perf_counter() - started))
     donod, raw = statistics.median(rates["donod"]), statistics.median(rates["raw"])
-    print(f"donod_scores: {donod:8.2f} rows/s   raw forward (logits): {raw:8.2f} rows/s   "
+    print(f"donod_scores: {donod:8.3f} rows/s   raw forward (response logits): {raw:8.3f} rows/s   "
           f"(medians of {args.forward_repeats}, alternating)")
     print(f"donod vs raw forward: {donod / raw:.3f}  (goal >= 0.9)")
 
