@@ -16,10 +16,23 @@ reference: the same naive steps with DON taken without cancellation, (2<W,D> + |
 ~1e-6 relative in float64 (printed); with `--dtype float32` the naive step itself is below the
 weights' resolution (lr·g ~1e-11 against ulp(0.02) ~2e-9), so only the closed form stays
 meaningful there (run it with `--tolerance 1e-3`). Prints milliseconds per sample and the
-speed ratio naive / closed form (goal >= 20x). Leaves out: the model's forward pass (the same for
-both: both need the final hidden states) and the tied-embedding autograd variant.
+speed ratio naive / closed form (goal >= 20x).
 
-Example: python benchmarks/bench_donod.py --samples 30 --dtype float64
+Then, with `--rows N` (> 0), the whole scorer against its honest limit: the closed form needs
+exactly one forward pass, so `donod_scores` (through `filters.donod.score_with_backend`: the
+transformers backend's hidden states in its length-sorted batches, then the batched closed
+form in float64) is timed against a raw batched forward of the same model on the same rows:
+the backbone over the same `P + R + [EOS]` ids in the same length-sorted batches and padding
+(tokenised beforehand, not timed), then the output layer in fp32 at exactly the positions that
+predict response tokens, the logits DONOD reads (logits at every prompt position too would make
+the raw side do more than DONOD needs). The two alternate over `--forward-repeats` (median). Model:
+`--model` (default SmolLM2-135M-Instruct, fp32) or `--random-model` (a random Llama at SmolLM2's
+dimensions, for a machine without the model files, e.g. a GPU); rows: HH pairs' chosen replies
+where the data is present, else seeded synthetic text. Prints `donod vs raw forward: X`
+(rows/s of donod_scores over rows/s of the raw forward; goal >= 0.9).
+Leaves out: the tied-embedding autograd variant.
+
+Example: python benchmarks/bench_donod.py --samples 30 --dtype float64 --rows 32
 """
 from __future__ import annotations
 
@@ -28,6 +41,7 @@ import statistics
 import time
 
 import numpy as np
+import pyarrow as pa
 
 
 def naive_step_scores(weight, hs, ys, lr: float, stable: bool = False) -> list[tuple[float, float]]:
@@ -92,6 +106,101 @@ def timed(fn, repeats: int) -> tuple[float, list]:
     return min(times), result
 
 
+def forward_rows(rows: int, seed: int) -> pa.Table:
+    """HH pairs (seeded sample) where the data is present, else seeded synthetic prompt / reply text."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from hh_data import HH_FILE, hh_pairs
+
+    if os.path.exists(HH_FILE):
+        return hh_pairs(rows, seed=seed)
+    rng = np.random.default_rng(seed)
+    words = ("the data model pair reply prompt answer question token score rows part stage judge "
+             "filter seed batch label reward policy").split()
+    text = [" ".join(rng.choice(words, size=int(k))) for k in rng.integers(20, 160, size=2 * rows)]
+    return pa.table({"id": [f"s{i}" for i in range(rows)],
+                     "prompt": pa.array([[{"role": "user", "content": text[2 * i]}] for i in range(rows)],
+                                        pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+                     "chosen": [text[2 * i + 1] for i in range(rows)]})
+
+
+def random_model_folder(tokenizer_from: str | None) -> str:
+    """A random Llama at SmolLM2-135M's dimensions (tied embeddings) saved to a temporary folder."""
+    import tempfile
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rms_norm_eps=1e-5, rope_theta=100000.0, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=True)
+    path = tempfile.mkdtemp(prefix="donod-random-")
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
+    return path
+
+
+def raw_forward(backend, encoded: list[tuple[list[int], int]], batches: list[list[int]]) -> None:
+    """The model's forward over the given batches (the backend's padding side), then the output layer
+    (fp32 logits over the vocabulary) at exactly the positions that predict response tokens: the
+    forward pass DONOD's closed form needs, and no more."""
+    import torch
+
+    backbone = backend.model.get_decoder()
+    head = backend.model.get_output_embeddings()
+    with torch.inference_mode():
+        for batch in batches:
+            ids, mask, positions, offsets = backend._padded([encoded[i][0] for i in batch], backend.padding_side)
+            hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+            for b, i in enumerate(batch):
+                row, start = encoded[i]
+                head(hidden[b, offsets[b] + start - 1: offsets[b] + len(row) - 1])
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+
+
+def forward_ratio(args: argparse.Namespace) -> None:
+    """`donod_scores` rows/s over a raw batched forward's rows/s, same model, rows and batches."""
+    from curate.backends.base import encode_pair, open_backend
+    from curate.backends.hf import length_batches
+    from curate.filters.donod import OutputLayer, score_with_backend
+
+    model = args.model
+    if args.random_model:
+        from curate.models import resolve_model
+
+        model = random_model_folder(args.tokenizer or resolve_model("smollm2-135m-instruct").path)
+    table = forward_rows(args.rows, args.seed)
+    backend = open_backend("transformers", model, dtype="float32")
+    layer = OutputLayer.of(backend.model)  # read once, as the stage does in open()
+    messages, replies = table.column("prompt").to_pylist(), table.column("chosen").to_pylist()
+    encoded = [(ids[:args.max_length], start) for ids, start in
+               (encode_pair(backend.tokenizer, m, r) for m, r in zip(messages, replies))]
+    batches = list(length_batches([len(e) for e, _ in encoded], backend.batch_tokens, backend.max_rows))
+    tokens = sum(len(e) for e, _ in encoded)
+    print(f"\nforward check: {args.rows} rows ({tokens} tokens, {len(batches)} length-sorted batches), "
+          f"{'random ' if args.random_model else ''}{backend.name}, fp32 weights, on {backend.device}")
+    score_with_backend(table.slice(0, 2), backend, max_length=args.max_length, layer=layer)  # warm-up
+    raw_forward(backend, encoded, [[0, 1]])
+    rates: dict[str, list[float]] = {"donod": [], "raw": []}
+    for repeat in range(args.forward_repeats):
+        for side in (("raw", "donod") if repeat % 2 == 0 else ("donod", "raw")):
+            started = time.perf_counter()
+            if side == "raw":
+                raw_forward(backend, encoded, batches)
+            else:
+                score_with_backend(table, backend, max_length=args.max_length, layer=layer)
+            rates[side].append(args.rows / (time.perf_counter() - started))
+    donod, raw = statistics.median(rates["donod"]), statistics.median(rates["raw"])
+    print(f"donod_scores: {donod:8.3f} rows/s   raw forward (response logits): {raw:8.3f} rows/s   "
+          f"(medians of {args.forward_repeats}, alternating)")
+    print(f"donod vs raw forward: {donod / raw:.3f}  (goal >= 0.9)")
+
+
 def main() -> None:
     import torch
 
@@ -111,9 +220,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); on a busy machine 1 avoids stalls of small products")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", type=int, default=0, help="rows of the forward check (0: skip it)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model of the forward check")
+    parser.add_argument("--random-model", action="store_true", help="forward check on a random Llama at SmolLM2's size")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder for --random-model (default: SmolLM2's)")
+    parser.add_argument("--max-length", type=int, default=2048, help="tokens per row of the forward check")
+    parser.add_argument("--forward-repeats", type=int, default=3, help="alternating timed runs of the forward check")
+    parser.add_argument("--skip-step", action="store_true", help="only the forward check")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+
+    if not args.skip_step:
+        step_ratio(args)
+    if args.rows > 0:
+        forward_ratio(args)
+
+
+def step_ratio(args: argparse.Namespace) -> None:
+    """The closed form against the naive per-sample SGD step on the output layer alone."""
+    import torch
 
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(args.seed)

@@ -105,7 +105,7 @@ def eval_cdr(pairs: pa.Table, strong: str, weak: str, customize: str = "none", n
 def eval_scir(pairs: pa.Table) -> dict:
     from curate.judges.scir import SCIRFilter, SCIRParams
 
-    stage = SCIRFilter(SCIRParams(policy=MODEL, dtype="float32", action="mark"))
+    stage = SCIRFilter(SCIRParams(policy=MODEL, reference="none", action="mark"))
     start = time.perf_counter()
     out = stage.apply(pairs)
     seconds = time.perf_counter() - start

@@ -99,7 +99,7 @@ def validate(pipeline: str, overrides: tuple[str, ...], trl: bool) -> None:
 def plan(pipeline: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Print the resolved chain, the columns after each stage and every stage key; run nothing."""
     from curate.config import load_pipeline
-    from curate.plan import schema_json
+    from curate.plan import model_run_info, schema_json
     from curate.runner import make_plan
 
     spec = load_pipeline(pipeline, list(overrides))
@@ -114,7 +114,8 @@ def plan(pipeline: str, overrides: tuple[str, ...], as_json: bool) -> None:
     _echo_columns(schema_json(src.schema))
     width = max((len(p.id) for p in resolved.stages), default=0)
     for index, planned in enumerate(resolved.stages):  # stages.N: what --set stages.N.… counts (an id works too)
-        click.echo(f"stages.{index:<3d} {planned.id:<{width}}  {planned.bound.stage.name} ({planned.kind}), "
+        runs = "".join(f", {k} {v}" for k, v in model_run_info(planned.bound.stage).items())  # model stages: dtype, reference
+        click.echo(f"stages.{index:<3d} {planned.id:<{width}}  {planned.bound.stage.name} ({planned.kind}{runs}), "
                    f"segment {planned.segment}  key {planned.key}")
         _echo_columns(schema_json(planned.output_schema))
 

@@ -128,8 +128,9 @@ class Stage:
         Example: Length().key_material()["name"] -> 'filters.length'
         """
         material: dict[str, Any] = {"name": self.name, "version": self.version, "params": self.params.key_params()}
-        if self.uses_seed:
+        if self.uses_seed:  # row seeds hash (row id, stage id, seed): two stages of one kind draw apart
             material["seed"] = self.seed
+            material["seed_scope"] = self.stage_id
         return material
 
     uses_seed: ClassVar[bool] = False

@@ -3,9 +3,9 @@
 Modes (METHODS.md §1A, §2, §8.3, §8.5):
 - `best_worst`: chosen = highest score, rejected = lowest; ties for the max or min go to the first
   index (§1A). Example: [4.33, 2.0, 4.33, 1.0] -> chosen 0, rejected 3, margin 3.33.
-- `best_random`: chosen = highest score, rejected drawn uniformly from the other valid candidates
-  with a seed hashed from (row id, stage, global seed) (§2, §8.3). A drawn candidate that ties the
-  chosen one is dropped as `tie`.
+- `best_random`: chosen = highest score (first index among maxima), rejected drawn uniformly
+  from the valid candidates scoring below the max, with a seed hashed from (row id, stage id,
+  global seed) (§2, §8.3). Example: [1.5, 1.5, 0.2] -> always (0, 2); only all-equal scores are a `tie`.
 - `all_pairs`: the best against every other candidate, with `margin`, `curr_rank` (1 = easiest,
   the largest margin) and `curr_stage` for Curry-DPO curricula; each part is sorted by
   (curr_stage, -margin) (§8.5). Example: [5, 4, 3, 2] -> margins 3, 2, 1 -> stages 1, 2, 3.
@@ -82,7 +82,7 @@ def choose_pairs(
     if mode == "best_worst":
         candidates = [(best, worst)]
     elif mode == "best_random":
-        others = [i for i in valid if i != best]  # §8.3: drawn from every other candidate
+        others = [i for i in valid if scores[i] < scores[best]]  # §2: drawn among the non-max candidates
         candidates = [(best, others[(rng or random.Random(0)).randrange(len(others))])]
     else:
         candidates = [(best, j) for j in valid if j != best]
@@ -146,7 +146,7 @@ class PairFromScores(Stage):
         take, rows, reject_take, reject_reasons = [], [], [], []
         for row, (row_id, cands, cand_scores) in enumerate(zip(ids, responses, scores)):
             cands, cand_scores = cands or [], cand_scores or []
-            rng = random.Random(row_seed(row_id, self.name, self.seed)) if p.mode == "best_random" else None
+            rng = random.Random(row_seed(row_id, self.stage_id, self.seed)) if p.mode == "best_random" else None
             pairs, reasons = choose_pairs(cand_scores, [c["text"] for c in cands], p.mode, rng)
             reject_take += [row] * len(reasons)
             reject_reasons += reasons

@@ -129,12 +129,42 @@ class Plan:
                     "key": s.key,
                     "segment": s.segment,
                     "params": s.bound.stage.params.model_dump(mode="json"),
+                    **model_run_info(s.bound.stage),
                     "columns": schema_json(s.output_schema),
                 }
                 for i, s in enumerate(self.stages)
             ],
             "segments": [{"index": g.index, "key": g.key, "stages": [s.id for s in g.stages]} for g in self.segments],
         }
+
+
+MODEL_FIELDS = ("model", "models", "policy", "reference", "judge", "strong", "weak", "router")
+
+
+def model_run_info(stage: Any) -> dict[str, Any]:
+    """What a model stage really runs with: `dtype` (`auto` resolved as its engine resolves it; a
+    {model: dtype} map when its models differ) and, for stages with a `reference` (SPA, SCIR), the
+    reference model or `none`. Other stages: {}.
+
+    Example: model_run_info(spa_stage) -> {'dtype': 'float32', 'reference': 'none'}
+    """
+    if stage.kind != "model":
+        return {}
+    from curate.backends.params import REFERENCE_FREE, reference_model, run_dtype
+
+    params = stage.params
+    models: list[str] = []
+    for name in MODEL_FIELDS:
+        value = getattr(params, name, None)
+        for model in value if isinstance(value, list) else [value]:
+            if isinstance(model, str) and reference_model(model) is not None and model not in models:
+                models.append(model)
+    dtypes = {model: run_dtype(params, model) for model in models} or {"": run_dtype(params)}
+    distinct = set(dtypes.values())
+    info: dict[str, Any] = {"dtype": distinct.pop() if len(distinct) == 1 else dtypes}
+    if "reference" in type(params).model_fields:
+        info["reference"] = reference_model(params.reference) or REFERENCE_FREE
+    return info
 
 
 def schema_json(schema: pa.Schema) -> dict[str, str]:

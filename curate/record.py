@@ -116,6 +116,8 @@ class PlannedStageRecord:
     params: dict[str, Any] = field(default_factory=dict)
     columns: dict[str, str] = field(default_factory=dict)
     index: int = 0
+    dtype: str | dict[str, str] | None = None  # model stages: the dtype they run in (`auto` resolved)
+    reference: str | None = None  # SPA / SCIR: the reference model, or 'none'
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "PlannedStageRecord":

@@ -22,7 +22,7 @@ frame = pl.from_arrow(pairs)  # any supported frame type works the same way
 
 frame = ches_scores(frame, model="smollm2-135m-instruct")            # ches, ln_ches
 frame = ches_select(frame, mode="keep_lowest", fraction=0.25)       # ches_keep (global quantile)
-frame = implicit_margins(frame, "smollm2-135m-instruct")            # spa_margin (policy only here)
+frame = implicit_margins(frame, "smollm2-135m-instruct", "none")    # spa_margin (no reference here: warned)
 frame, eps_hat = pref_conf(frame, "spa_margin")                     # pref_conf, EM flip rate
 frame = spa_filter(frame, quantile=0.1, action="smooth")            # spa_noisy, label_smoothing
 weighted = noise_filter(frame, "spa_margin", action="weight")       # keep all rows, weights only

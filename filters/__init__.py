@@ -3,7 +3,7 @@
 Every public function takes a `pyarrow.Table` (or a polars / pandas DataFrame or a
 `datasets.Dataset`, returned as the same type) and is imported on first use, so
 `import curate.filters` stays cheap. Modules: `ches` (METHODS §5), `noise` (SPA and EM label
-confidence, §6), `donod` (§7), `near_dup`, `dedup`, `text`.
+confidence, §6), `spa_rewards` (SPA's per-candidate implicit rewards, §6A), `donod` (§7), `near_dup`, `dedup`, `text`.
 
 Example: from curate.filters import ches_scores, ches_select, donod_select
 """
@@ -21,6 +21,7 @@ _EXPORTS = {
     **dict.fromkeys(["implicit_margins", "pref_conf", "spa_filter", "noise_filter", "em_flip_rate", "flip_posterior",
                      "spa_threshold", "spa_label_smoothing", "swap_pairs", "dpo_loss", "rdpo_loss", "cdpo_loss",
                      "SPAScore", "SPAFilter", "NoiseEM"], "noise"),
+    **dict.fromkeys(["implicit_rewards", "candidate_rewards"], "spa_rewards"),  # SPA's annotation half, §6A
     # DONOD and TOPSIS, §7
     **dict.fromkeys(["donod_scores", "donod_select", "donod_fit", "donod_mark", "donod_closed_form",
                      "donod_closed_form_batch", "donod_autograd", "topsis", "topsis_fit", "topsis_closeness",
@@ -46,4 +47,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     from curate.filters.noise import (NoiseEM, SPAFilter, SPAScore, cdpo_loss, dpo_loss, em_flip_rate, flip_posterior,
                                       implicit_margins, noise_filter, pref_conf, rdpo_loss, spa_filter,
                                       spa_label_smoothing, spa_threshold, swap_pairs)
+    from curate.filters.spa_rewards import candidate_rewards, implicit_rewards
     from curate.filters.text import LengthFilter, NonEmptyFilter, RangeFilter

@@ -5,7 +5,9 @@ What it does:
   `z = β·[(LP_pol(y_w) − LP_ref(y_w)) − (LP_pol(y_l) − LP_ref(y_l))]`, with `LP` the summed
   response log-prob of METHODS.md §0 from a scoring backend (`transformers` or `vllm`, fp32).
   Adds `spa_margin`, `spa_conf = σ(spa_margin)`, the four log-probs `spa_lp_*`, the policy's
-  response token counts `spa_tokens_*` and the model names.
+  response token counts `spa_tokens_*` and the model names. The reference has no default: a
+  model, or `none` written out (policy margin only, warned, `spa_ref_model = 'none'`, counted as
+  `reference_free_rows` in stats.json).
 - `spa_threshold` / `spa_filter`: the SPA threshold τ (mean of the sorted margins at 0-based
   indices ⌊n·q⌋ and ⌊n·q⌋+1) over a rolling buffer of 50 (the trainer's rule, §6A (c)) or over
   the whole dataset (the curate filter: `spa_noisy = z ≤ τ`); noisy rows get
@@ -26,7 +28,7 @@ Leaves out: SPA's sampling and pairing loop (`generators.responses` + a scoring 
 training itself, and approximate quantiles for data sets whose margin column does not fit in
 memory (the fit holds one float64 per row).
 
-Example: t = implicit_margins(pairs, "smollm2-135m-instruct", reference=None, backend="transformers")
+Example: t = implicit_margins(pairs, "smollm2-135m-instruct", reference="none", backend="transformers")
          t, eps_hat = pref_conf(t, "spa_margin")
 """
 from __future__ import annotations
@@ -42,9 +44,10 @@ from pydantic import Field, model_validator
 
 from curate.adapters import accepts_frames
 from curate.backends.base import ScoreItem, open_backend
-from curate.backends.params import LoadedModels, ModelParams, identities
-from curate.backends.scoring import as_messages, response_tokens, sequence_logprobs
+from curate.backends.params import REFERENCE_FREE, ImplicitRewardParams, LoadedModels, identities, reference_model
+from curate.backends.scoring import as_messages, summed_logprobs
 from curate.contract import (
+    RESPONSES,
     TEXT_TYPES,
     Params,
     Stage,
@@ -416,35 +419,22 @@ def score_pairs(table: pa.Table, policy: Any, reference: Any | None = None, beta
         else:
             rows.append(i)
     items = [ScoreItem(prompts[i], text) for i in rows for text in (chosen[i], rejected[i])]
-    models = [("policy", policy)] + ([("ref", reference)] if reference is not None else [])
-    tokens: list[int | None] = [None] * len(items)
-    for label, backend in models:  # pre-check lengths with each model's own tokenizer
-        counts, too_long = response_tokens(backend, items)
-        if label == "policy":
-            tokens = counts
-        for k, message in enumerate(too_long):
-            row = rows[k // 2]
-            if message is not None and errors[row] is None:
-                errors[row] = message
-    keep = [k for k, _ in enumerate(items) if errors[rows[k // 2]] is None]
+    models = {"policy": policy} | ({"ref": reference} if reference is not None else {})
+    sums = summed_logprobs(items, models, normalize, batch_size, groups=[k // 2 for k in range(len(items))])
     lp = {name: np.full(n, np.nan) for name in LP_COLUMNS}
     n_tok = {"chosen": np.full(n, -1, np.int64), "rejected": np.full(n, -1, np.int64)}
-    scored_tokens = 0
-    for label, backend in models:
-        values = sequence_logprobs(backend, [items[k] for k in keep], batch_size)
-        for k, per_token in zip(keep, values):
-            side = "chosen" if k % 2 == 0 else "rejected"
-            row = rows[k // 2]
-            total = float(np.sum(per_token, dtype=np.float64))
-            lp[f"spa_lp_{label}_{side}"][row] = total / len(per_token) if normalize == "mean" else total
-            if label == "policy":
-                scored_tokens += len(per_token)
-                n_tok[side][row] = tokens[k] if tokens[k] is not None else len(per_token)
+    for k, message in enumerate(sums.errors):
+        row, side = rows[k // 2], ("chosen", "rejected")[k % 2]
+        errors[row] = errors[row] or message
+        if message is None:
+            for label in models:
+                lp[f"spa_lp_{label}_{side}"][row] = sums.lp[label][k]
+            n_tok[side][row] = sums.tokens[k]
     ref_w = lp["spa_lp_ref_chosen"] if reference is not None else 0.0
     ref_l = lp["spa_lp_ref_rejected"] if reference is not None else 0.0
     margin = beta * ((lp["spa_lp_policy_chosen"] - ref_w) - (lp["spa_lp_policy_rejected"] - ref_l))
     policy_name = policy_name or getattr(policy, "name", None)
-    reference_name = reference_name or (getattr(reference, "name", None) if reference is not None else None)
+    reference_name = reference_name or (getattr(reference, "name", None) if reference is not None else REFERENCE_FREE)
     columns = {name: _float_column(values) for name, values in lp.items()}
     columns.update({
         "spa_tokens_chosen": pa.array(n_tok["chosen"], pa.int32(), mask=n_tok["chosen"] < 0),
@@ -455,8 +445,10 @@ def score_pairs(table: pa.Table, policy: Any, reference: Any | None = None, beta
         "spa_ref_model": pa.array([reference_name] * n, pa.string()),
         error_column: pa.array(errors, pa.string()),
     })
-    counters = {"rows_scored": len(keep) // 2, "row_errors": sum(e is not None for e in errors),
-                "tokens_scored": scored_tokens}
+    counters = {"rows_scored": sum(e is None for e in sums.errors) // 2, "row_errors": sum(e is not None for e in errors),
+                "tokens_scored": sums.scored_tokens}
+    if reference is None:
+        counters["reference_free_rows"] = n
     return put_columns(table, columns), counters
 
 
@@ -465,7 +457,7 @@ def _open(model: Any, backend: str, options: dict[str, Any]) -> Any:
 
 
 @accepts_frames
-def implicit_margins(table: pa.Table, policy: Any, reference: Any | None = None, beta: float = DPO_BETA,
+def implicit_margins(table: pa.Table, policy: Any, reference: Any | None, beta: float = DPO_BETA,
                      backend: Literal["vllm", "transformers"] = "transformers",
                      normalize: Literal["sum", "mean"] = "sum", batch_size: int | None = None,
                      **options: Any) -> pa.Table:
@@ -477,13 +469,19 @@ def implicit_margins(table: pa.Table, policy: Any, reference: Any | None = None,
     `spa_lp_policy_rejected`, `spa_lp_ref_chosen`, `spa_lp_ref_rejected`, `spa_tokens_chosen`,
     `spa_tokens_rejected` (policy tokens incl. end-of-turn), `spa_model`, `spa_ref_model`,
     `spa_error`. `policy` / `reference` are model references (built-in name, folder, .gguf, Hub
-    id) or opened backends. `reference=None` scores with the policy alone, `β·(LP(y_w) − LP(y_l))`:
-    a likelihood margin, *not* an implicit DPO reward (the ref columns are then null).
+    id) or opened backends. `reference` has no default: `None` or `"none"` scores with the policy
+    alone, `β·(LP(y_w) − LP(y_l))`: a likelihood margin, *not* an implicit DPO reward (the ref
+    columns are then null, `spa_ref_model` is `'none'`, and a warning says so).
     `options` go to `open_backend` (default `dtype="float32"`).
     Example: implicit_margins(t, "smollm2-135m-instruct", "/models/sft", backend="vllm")
     """
     options = {"dtype": "float32", **options}
     pol = _open(policy, backend, options)
+    if isinstance(reference, str):
+        reference = reference_model(reference)
+    if reference is None:
+        log.warning("implicit_margins without a reference: spa_margin is the policy's log-prob margin, "
+                    "not an implicit DPO reward")
     ref = _open(reference, backend, options) if reference is not None else None
     out, _ = score_pairs(table, pol, ref, beta, normalize, batch_size=batch_size,
                          policy_name=policy if isinstance(policy, str) else None,
@@ -494,20 +492,21 @@ def implicit_margins(table: pa.Table, policy: Any, reference: Any | None = None,
 # Stages --------------------------------------------------------------------------------------------------
 
 
-class SPAScoreParams(ModelParams):
+class SPAScoreParams(ImplicitRewardParams):
     """Params of filters.spa_score. Example: SPAScoreParams(policy="smollm2-135m-instruct", reference="/m/sft")"""
 
-    policy: str = Field(description="π_θ: the model whose implicit reward labels the pairs")
-    reference: str | None = Field(None, description="π_ref (same tokenizer); None: policy log-prob margin only")
     beta: float = Field(DPO_BETA, gt=0, description="β of the implicit reward (§6A (d))")
     normalize: Literal["sum", "mean"] = Field("sum", description="sum: LP (§0); mean: LP / |R|")
     backend: Literal["vllm", "transformers"] = Field("vllm", description="scoring engine (log-probs)")
-    dtype: str = Field("float32", description="fp32: bf16 log-probs differ by up to 0.19 nats (ENVIRONMENT.md)")
+    input: Literal["auto", "candidates", "pairs"] = Field(
+        "auto", description="pairs (chosen/rejected: spa_margin) or candidates (responses: spa_rewards); auto: by the columns")
+    responses: str = Field("responses", description="candidate column (input: candidates)")
 
 
 @register
 class SPAScore(Stage):
-    """Score every pair with the SPA / implicit DPO margin (see `implicit_margins`).
+    """Score every pair with the SPA / implicit DPO margin (see `implicit_margins`), or, on candidate
+    rows, every candidate with its implicit reward `spa_rewards` (`curate.filters.spa_rewards`).
 
     Row failures (null texts, too long) go to `<stage id>_error`, counted as `row_errors`.
     Example: - stage: filters.spa_score
@@ -521,7 +520,8 @@ class SPAScore(Stage):
     def __init__(self, params: SPAScoreParams | None = None, *, seed: int = 0, stage_id: str | None = None):
         super().__init__(params, seed=seed, stage_id=stage_id)
         load = self.params
-        if load.backend == "vllm" and load.reference is not None and load.gpu_memory_utilization is None:
+        self.reference = load.ref_model  # None: `reference: none`, reference-free
+        if load.backend == "vllm" and self.reference is not None and load.gpu_memory_utilization is None:
             load = load.model_copy(update={"gpu_memory_utilization": 0.4})  # two engines share one GPU (ignored on CPU)
         self.models = LoadedModels(load, seed)
 
@@ -529,9 +529,22 @@ class SPAScore(Stage):
         return super().key_material() | {"model_identity": identities(self.params, self._roles())}
 
     def _roles(self) -> list[str]:
-        return [self.params.policy] + ([self.params.reference] if self.params.reference is not None else [])
+        return [self.params.policy] + ([self.reference] if self.reference is not None else [])
+
+    def mode(self, schema: pa.Schema) -> str:
+        """`candidates` (a `responses` column and no pair) or `pairs`. Example: stage.mode(schema) -> 'pairs'"""
+        p = self.params
+        if p.input != "auto":
+            return p.input
+        return "candidates" if p.responses in schema.names and "chosen" not in schema.names else "pairs"
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        if self.mode(schema) == "candidates":
+            from curate.filters.spa_rewards import REWARDS
+
+            require(schema, {"prompt": TEXT_TYPES, self.params.responses: RESPONSES}, self.name)
+            return with_fields(schema, {"spa_rewards": REWARDS, "spa_model": pa.string(), "spa_ref_model": pa.string(),
+                                        self.error_column: pa.string()})
         require(schema, {"prompt": TEXT_TYPES, "chosen": pa.string(), "rejected": pa.string()}, self.name)
         fields: dict[str, pa.DataType] = {name: pa.float64() for name in LP_COLUMNS}
         fields.update({"spa_tokens_chosen": pa.int32(), "spa_tokens_rejected": pa.int32(), "spa_margin": pa.float64(),
@@ -540,6 +553,9 @@ class SPAScore(Stage):
         return with_fields(schema, fields)
 
     def open(self) -> None:
+        if self.reference is None:
+            log.warning("%s: reference: none; spa_margin is β·(LP(chosen) − LP(rejected)) under the policy alone, "
+                        "not an implicit DPO reward (rows say spa_ref_model = 'none')", self.stage_id)
         for model in self._roles():
             self.models.get(model)
 
@@ -548,9 +564,15 @@ class SPAScore(Stage):
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:
         p = self.params
-        ref = self.models.get(p.reference) if p.reference is not None else None
+        ref = self.models.get(self.reference) if self.reference is not None else None
+        if self.mode(table.schema) == "candidates":
+            from curate.filters.spa_rewards import candidate_rewards
+
+            out, counters = candidate_rewards(table, self.models.get(p.policy), ref, p.normalize, self.error_column,
+                                              p.batch_size, p.responses, p.policy, self.reference)
+            return StageOutput(out, counters=counters)
         out, counters = score_pairs(table, self.models.get(p.policy), ref, p.beta, p.normalize, self.error_column,
-                                    p.batch_size, p.policy, p.reference)
+                                    p.batch_size, p.policy, self.reference)
         return StageOutput(out, counters=counters)
 
 

@@ -2,7 +2,7 @@
 
 Writes the wide `responses` column (`list<struct<text, model, finish_reason, n_tokens>>`) and
 `<stage id>_error` (null when every response came back). Each row's sampling seed is hashed from
-(row id, stage, model, global seed), so re-sharding changes nothing (DESIGN.md §6). With a model
+(row id, stage id, pool entry, global seed), so re-sharding changes nothing (DESIGN.md §6). With a model
 pool, each prompt is answered by `models_per_prompt` models drawn from `models` (and, when
 `system_prompts` is set, one system prompt drawn per model), the UltraFeedback shape of
 METHODS.md §8.3. Responses cut by `max_tokens` keep `finish_reason: length` and are counted in
@@ -99,12 +99,32 @@ class Responses(Stage):
 
         Example: stage.assignments("r1") -> [("smollm2-135m-instruct", None)]
         """
+        return [(self.params.pool[slot], system) for slot, system in self.pool_draw(row_id)]
+
+    def pool_draw(self, row_id: str) -> list[tuple[int, str | None]]:
+        """The (pool position, system prompt) pairs that answer one row, drawn with the row's seed.
+
+        Example: stage.pool_draw("r1") -> [(0, None)]
+        """
         p = self.params
-        rng = random.Random(row_seed(row_id, f"{self.name}:pool", self.seed))
-        models = p.pool if p.models_per_prompt is None else rng.sample(p.pool, p.models_per_prompt)
+        rng = random.Random(row_seed(row_id, f"{self.stage_id}:pool", self.seed))
+        slots = range(len(p.pool)) if p.models_per_prompt is None else rng.sample(range(len(p.pool)), p.models_per_prompt)
         if p.system_prompts:
-            return [(m, rng.choice(p.system_prompts)) for m in models]
-        return [(m, p.system_prompt) for m in models]
+            return [(slot, rng.choice(p.system_prompts)) for slot in slots]
+        return [(slot, p.system_prompt) for slot in slots]
+
+    def seed_scopes(self) -> list[str]:
+        """The seed scope of each pool entry: the model, plus `#k` for its k-th repeat in the pool,
+        so a pool that lists one model twice samples it twice with different seeds.
+
+        Example: stage.seed_scopes() -> ['gen:m', 'gen:m#2'] for models [m, m]
+        """
+        seen: dict[str, int] = {}
+        scopes = []
+        for model in self.params.pool:
+            seen[model] = seen.get(model, 0) + 1
+            scopes.append(f"{self.stage_id}:{model}" + (f"#{seen[model]}" if seen[model] > 1 else ""))
+        return scopes
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:
         p = self.params
@@ -112,11 +132,13 @@ class Responses(Stage):
         prompts = table.column("prompt").to_pylist()
         by_model: dict[str, list[tuple[int, int, ChatRequest]]] = {}
         slots: list[int] = []
+        scopes = self.seed_scopes()
         for row, (row_id, messages) in enumerate(zip(ids, prompts)):
-            assigned = self.assignments(row_id)
+            assigned = self.pool_draw(row_id)
             slots.append(len(assigned))
-            for slot, (model, system) in enumerate(assigned):
-                seed = row_seed(row_id, f"{self.name}:{model}", self.seed) % (2**31)
+            for slot, (entry, system) in enumerate(assigned):
+                model = p.pool[entry]
+                seed = row_seed(row_id, scopes[entry], self.seed) % (2**31)
                 request = ChatRequest(with_system(messages, system), p.generation, seed=seed)
                 by_model.setdefault(model, []).append((row, slot, request))
         answers: list[list[list[Completion]]] = [[[] for _ in range(n)] for n in slots]

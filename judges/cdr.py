@@ -50,7 +50,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from curate.backends.base import ChatRequest, GenerationParams, ScoreItem, render_prompt
-from curate.backends.params import LoadedModels, ModelParams, identities, run_batched
+from curate.backends.params import LoadedModels, ModelParams, identities, logprob_dtype_field, run_batched
 from curate.backends.scoring import as_messages, response_tokens, sequence_logprobs
 from curate.contract import RESPONSES, Stage, StageOutput, put_columns, require, with_fields, with_reason
 from curate.errors import ConfigError, SchemaError
@@ -154,6 +154,7 @@ class CDRParams(ModelParams):
 
     strong: str = Field(description="the better-aligned model (numerator)")
     weak: str = Field(description="the less-aligned model (denominator)")
+    dtype: str = logprob_dtype_field()
     normalize: Literal["sum", "mean"] = Field("sum", description="sum: raw log-prob sums (§2 default); mean: per-token means")
     customize: Literal["none", "criteria", "exemplars", "both"] = Field("none", description="prompt customisation (§2 step 2)")
     customization: str = Field("cdr", description="built-in name or a YAML file with criteria / exemplars per domain")
@@ -244,7 +245,7 @@ class CDRJudge(Stage):
             ids = table.column("id").to_pylist()
             requests = [ChatRequest([{"role": "user", "content": self.router_template.render(prompt=conversation_text(prompts[i]))}],
                                     GenerationParams(max_tokens=16, temperature=0.0),
-                                    seed=row_seed(ids[i], f"{self.name}:router", self.seed) % (2**31), guided_regex=regex)
+                                    seed=row_seed(ids[i], f"{self.stage_id}:router", self.seed) % (2**31), guided_regex=regex)
                         for i in todo]
             for i, answer in zip(todo, run_batched(self.models.get(p.router), requests, p.batch_size)):
                 texts[i] = answer[0].text
@@ -261,7 +262,7 @@ class CDRJudge(Stage):
         block = None
         pool = self.texts["exemplars"].get(domain) or []
         if p.customize in ("exemplars", "both") and pool:
-            block = pool[random.Random(row_seed(row_id, f"{self.name}:exemplar", self.seed)).randrange(len(pool))]
+            block = pool[random.Random(row_seed(row_id, f"{self.stage_id}:exemplar", self.seed)).randrange(len(pool))]
         return render_prompt(tokenizer, customize(messages, criteria, block))
 
     # Step 3 -------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from pydantic import Field
 
 from curate.agreement import agreement
 from curate.backends.base import ChatRequest, GenerationParams
-from curate.backends.params import LoadedModels, ModelParams, identities, run_batched
+from curate.backends.params import LoadedModels, ModelParams, constrains, identities, run_batched
 from curate.contract import MESSAGES, Stage, StageOutput, put_columns, require, with_fields, with_reason
 from curate.errors import ConfigError
 from curate.filters.noise import swap_pairs
@@ -82,7 +82,7 @@ class ConstitutionParams(ModelParams):
     template: str = Field("icai_annotate", description="template with {constitution}, {prompt}, {response_a}, {response_b}")
     baseline_template: str = Field("icai_annotate_plain", description="no-constitution template with {prompt}, {response_a}, {response_b}")
     generation: GenerationParams = Field(GenerationParams(max_tokens=4, temperature=0.0), description="greedy, a letter")
-    constrained: bool = Field(True, description="vllm: the answer is exactly `a` or `b`")
+    constrained: bool = Field(True, description="vllm, or a vLLM server (openai): the answer is exactly `a` or `b`")
     action: Literal["mark", "relabel"] = Field("mark", description="relabel: swap pairs the annotator reverses, drop unanswered")
 
 
@@ -134,7 +134,7 @@ class ConstitutionJudge(Stage):
 
     def chosen_first(self, row_id: str) -> bool:
         """Whether the chosen reply is shown as (a) in this row (seeded from its id). Example: stage.chosen_first("r1")"""
-        return row_coin(row_id, f"{self.name}:order", self.seed)
+        return row_coin(row_id, f"{self.stage_id}:order", self.seed)
 
     def request(self, row_id: str, messages: list[dict], chosen: str, rejected: str, principles: list[str] | None) -> ChatRequest:
         """The annotator's request; `principles=None` gives the no-constitution annotator's."""
@@ -143,9 +143,9 @@ class ConstitutionJudge(Stage):
         fields = {"prompt": conversation_text(messages), "response_a": chosen if first else rejected,
                   "response_b": rejected if first else chosen}
         text = self.plain.render(**fields) if principles is None else self.template.render(constitution=numbered(principles), **fields)
-        choice = ["a", "b"] if p.constrained and p.backend == "vllm" else None
+        choice = ["a", "b"] if constrains(p) else None
         return ChatRequest([{"role": "user", "content": text}], p.generation,
-                           seed=row_seed(row_id, self.name, self.seed) % (2**31), guided_choice=choice)
+                           seed=row_seed(row_id, self.stage_id, self.seed) % (2**31), guided_choice=choice)
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:
         p = self.params

@@ -30,7 +30,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.backends.base import ChatRequest, GenerationParams
-from curate.backends.params import EXECUTION, LoadedModels, ModelParams, identities, run_batched
+from curate.backends.params import EXECUTION, LoadedModels, ModelParams, constrains, identities, run_batched
 from curate.contract import MESSAGES, Params, Stage, StageOutput, put_columns, require, with_fields
 from curate.filters.near_dup import DEFAULT_EMBEDDER, embed, embedder_identity, load_embedder, release_embedders
 from curate.judges.icai import (
@@ -70,7 +70,7 @@ class ProposeParams(ModelParams):
     principles: int = Field(3, ge=1, le=10, description="principles per pair (§4 (d): 3 in the code, 2 in the paper)")
     generation: GenerationParams = Field(GenerationParams(max_tokens=256, temperature=0.0),
                                          description="sampling (greedy: inverse-cai calls its models at temperature 0)")
-    constrained: bool = Field(True, description="vllm: constrain the reply to the JSON with exactly `principles` rules")
+    constrained: bool = Field(True, description="vllm, or a vLLM server (openai): constrain the reply to the JSON with exactly `principles` rules")
     holdout: float = Field(0.0, ge=0.0, lt=1.0, description="share of rows held out for evaluation (icai_split = test)")
 
 
@@ -106,8 +106,8 @@ class ICAIPropose(Stage):
     def request(self, row_id: str, messages: list[dict], chosen: str, rejected: str) -> ChatRequest:
         """The proposal request of one pair. Example: stage.request("r1", msgs, "Yes.", "No.")"""
         p = self.params
-        regex = propose_regex(p.principles, p.generation.max_tokens) if p.constrained and p.backend == "vllm" else None
-        return judge_request(self.template, p.generation, row_seed(row_id, self.name, self.seed), regex,
+        regex = propose_regex(p.principles, p.generation.max_tokens) if constrains(p) else None
+        return judge_request(self.template, p.generation, row_seed(row_id, self.stage_id, self.seed), regex,
                              prompt=conversation_text(messages), preferred=chosen, other=rejected, count=str(p.principles))
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:
@@ -187,7 +187,7 @@ class VoteParams(ModelParams):
     combine: Combine = Field("unanimous", description="across seeds: unanimous (§4 (d)) or majority; else abstain")
     generation: GenerationParams = Field(GenerationParams(max_tokens=600, temperature=0.0),
                                          description="sampling; constrained replies get exactly the tokens they can need")
-    constrained: bool = Field(True, description="vllm: constrain the reply to the JSON with one answer per rule")
+    constrained: bool = Field(True, description="vllm, or a vLLM server (openai): constrain the reply to the JSON with one answer per rule")
     rows: Literal["train", "all"] = Field("train", description="vote on the training rows only, or on held-out rows too")
 
 
@@ -229,19 +229,19 @@ class ICAIVote(Stage):
         out = []
         for s in range(self.params.seeds):
             order = list(range(count))
-            random.Random(row_seed(row_id, f"{self.name}:shuffle:{s}", self.seed)).shuffle(order)
+            random.Random(row_seed(row_id, f"{self.stage_id}:shuffle:{s}", self.seed)).shuffle(order)
             for c, chunk in enumerate(chunks(order, self.params.max_per_prompt)):
-                out.append((f"{s}:{c}", s, chunk, row_coin(row_id, f"{self.name}:flip:{s}:{c}", self.seed)))
+                out.append((f"{s}:{c}", s, chunk, row_coin(row_id, f"{self.stage_id}:flip:{s}:{c}", self.seed)))
         return out
 
     def request(self, row_id: str, messages: list[dict], chosen: str, rejected: str, principles: list[str],
                 scope: str, flipped: bool) -> ChatRequest:
         """One voting prompt (`scope` = seed:chunk): these principles, numbered, on the pair shown in this order."""
         p = self.params
-        regex = vote_regex(len(principles)) if p.constrained and p.backend == "vllm" else None
+        regex = vote_regex(len(principles)) if constrains(p) else None
         params = p.generation.model_copy(update={"max_tokens": vote_reply_chars(len(principles))}) if regex else p.generation
         a, b = (rejected, chosen) if flipped else (chosen, rejected)
-        return judge_request(self.template, params, row_seed(row_id, f"{self.name}:sample:{scope}", self.seed),
+        return judge_request(self.template, params, row_seed(row_id, f"{self.stage_id}:sample:{scope}", self.seed),
                              regex, prompt=conversation_text(messages), response_a=a, response_b=b, principles=numbered(principles))
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:

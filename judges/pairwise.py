@@ -15,7 +15,8 @@ per valid sample, already in a/b terms), `fe_score_a`, `fe_score_b`, `fe_verdict
 `fe_swap_consistent` (the verdict of the first order alone equals that of the swapped order
 alone). stats.json gets `swap_consistent` / `pairs_with_both_orders`: the share of pairs whose
 verdict survives the swap. With `action: relabel`, pairs the judge reverses are swapped (reason
-for ties: `fe_tie`); `mark` only adds the columns. Leaves out: routing to people itself.
+for ties: `fe_tie`), and every `fe_*` column and chosen/rejected score column is swapped with
+them, so a relabelled row reads as a `win` for its new chosen; `mark` only adds the columns. Leaves out: routing to people itself.
 
 Example: verdict_entropy(["win", "win", "win", "lose", "lose", "lose"]) -> 0.693
 """
@@ -31,8 +32,9 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.backends.base import ChatRequest, GenerationParams
-from curate.backends.params import LoadedModels, ModelParams, identities, run_batched
+from curate.backends.params import LoadedModels, ModelParams, constrains, identities, run_batched
 from curate.contract import MESSAGES, Stage, StageOutput, put_columns, require, with_fields, with_reason
+from curate.filters.noise import swap_pairs
 from curate.judges.templates import conversation_text, load_template
 from curate.keys import row_seed
 from curate.registry import register
@@ -119,7 +121,7 @@ class PairwiseParams(ModelParams):
     samples: int = Field(3, ge=1, description="samples per order (k), §8.1 MEC default 3")
     generation: GenerationParams = Field(GenerationParams(max_tokens=512, temperature=1.0),
                                          description="judge sampling (§8.1: T=1, max_tokens 512); n is set to `samples`")
-    constrained: bool = Field(True, description="vllm: constrain the output to reasons + the two score lines")
+    constrained: bool = Field(True, description="vllm, or a vLLM server (openai): constrain the output to reasons + the two score lines")
     a: str = Field("chosen", description="column of answer a")
     b: str = Field("rejected", description="column of answer b")
     action: Literal["mark", "relabel"] = Field("mark", description="mark: add columns; relabel: swap pairs the judge reverses, drop ties")
@@ -164,10 +166,10 @@ class PairwiseJudge(Stage):
     def _request(self, row_id: str, order: str, messages: list[dict], first: str, second: str) -> ChatRequest:
         p = self.params
         params = p.generation.model_copy(update={"n": p.samples})
-        regex = constrained_regex(params.max_tokens) if p.constrained and p.backend == "vllm" else None
+        regex = constrained_regex(params.max_tokens) if constrains(p) else None
         text = self.template.render(prompt=conversation_text(messages), answer_1=first, answer_2=second)
         return ChatRequest([{"role": "user", "content": text}], params,
-                           seed=row_seed(row_id, f"{self.name}:{order}", self.seed) % (2**31), guided_regex=regex)
+                           seed=row_seed(row_id, f"{self.stage_id}:{order}", self.seed) % (2**31), guided_regex=regex)
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:
         p = self.params
@@ -214,15 +216,44 @@ class PairwiseJudge(Stage):
         out = put_columns(table, arrays)
         return self._act(out, dict(counters))
 
+    def _swapped(self, table: pa.Table, flip: pa.ChunkedArray) -> pa.Table:
+        """Rows where `flip` is true with a and b exchanged, and every judge column re-oriented to match:
+        `fe_score_a/b`, the two orders' texts and score lists, the verdict (lose -> win); with a/b =
+        chosen/rejected also the other `*chosen*` / `*rejected*` columns and signed margins (`swap_pairs`).
+
+        Example: stage._swapped(t, pa.chunked_array([[True]])).column("fe_verdict")[0] -> 'win'
+        """
+        p = self.params
+        if (p.a, p.b) == ("chosen", "rejected"):
+            table = swap_pairs(table, flip)
+        else:
+            table = put_columns(table, {p.a: pc.if_else(flip, table.column(p.b), table.column(p.a)),
+                                        p.b: pc.if_else(flip, table.column(p.a), table.column(p.b))})
+        column = table.column
+
+        def reversed_pairs(name: str) -> pa.Array:  # each [a, b] sample as [b, a]
+            rows = [None if row is None else [[s[1], s[0]] for s in row] for row in column(name).to_pylist()]
+            return pa.array(rows, table.schema.field(name).type)
+
+        scores_ab, scores_ba = reversed_pairs("fe_scores_ba"), reversed_pairs("fe_scores_ab")
+        return put_columns(table, {
+            "fe_score_a": pc.if_else(flip, column("fe_score_b"), column("fe_score_a")),
+            "fe_score_b": pc.if_else(flip, column("fe_score_a"), column("fe_score_b")),
+            "fe_texts_ab": pc.if_else(flip, column("fe_texts_ba"), column("fe_texts_ab")),
+            "fe_texts_ba": pc.if_else(flip, column("fe_texts_ab"), column("fe_texts_ba")),
+            "fe_scores_ab": pc.if_else(flip, scores_ab, column("fe_scores_ab")),
+            "fe_scores_ba": pc.if_else(flip, scores_ba, column("fe_scores_ba")),
+            "fe_verdict": pc.if_else(flip, pa.scalar("win"), column("fe_verdict")),
+        })
+
     def _act(self, table: pa.Table, counters: dict[str, int]) -> StageOutput:
         """`relabel`: swap a/b where the verdict is lose; drop ties and unjudged rows with a reason."""
         if self.params.action == "mark":
             return StageOutput(table, counters=counters)
-        p = self.params
         verdict = table.column("fe_verdict")
         lose = pc.fill_null(pc.equal(verdict, "lose"), False)
-        a, b = table.column(p.a), table.column(p.b)
-        table = put_columns(table, {p.a: pc.if_else(lose, b, a), p.b: pc.if_else(lose, a, b)})
+        table = self._swapped(table, lose)
+        verdict = table.column("fe_verdict")
         drop = pc.fill_null(pc.equal(verdict, "tie"), True)
         reasons = pc.if_else(pc.is_null(verdict), pa.scalar("fe_no_verdict"), pa.scalar("fe_tie"))
         rejected = with_reason(table.filter(drop), reasons.filter(drop))

@@ -154,7 +154,7 @@ class RationaleJudge(Stage):
 
     def chosen_first(self, row_id: str) -> bool:
         """The presentation order of one row, seeded from its id. Example: stage.chosen_first("r1") -> True"""
-        return row_coin(row_id, f"{self.name}:order", self.seed)
+        return row_coin(row_id, f"{self.stage_id}:order", self.seed)
 
     def conditioning_text(self, messages: list[dict], chosen: str, rejected: str) -> str:
         """`x_rat` of §3: the chosen reply above, the rejected one below. Example: stage.conditioning_text(m, "a", "b")"""
@@ -166,7 +166,7 @@ class RationaleJudge(Stage):
         text = self.template.render(prompt=conversation_text(messages), response_1=chosen if first else rejected,
                                     response_2=rejected if first else chosen, preferred="Response 1" if first else "Response 2")
         return ChatRequest([{"role": "user", "content": text}], self.params.generation,
-                           seed=row_seed(row_id, f"{self.name}:text", self.seed) % (2**31))
+                           seed=row_seed(row_id, f"{self.stage_id}:text", self.seed) % (2**31))
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:
         rows = list(zip(table.column("id").to_pylist(), table.column("prompt").to_pylist(),

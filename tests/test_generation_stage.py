@@ -6,13 +6,11 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-pytest.importorskip("vllm")
-
-from curate.backends import base as backends  # noqa: E402
-from curate.backends.cache import loaded  # noqa: E402
-from curate.config import parse_pipeline  # noqa: E402
-from curate.judges.self_reward import mean_score, parse_score  # noqa: E402
-from curate.runner import run_pipeline  # noqa: E402
+from curate.backends import base as backends
+from curate.backends.cache import loaded
+from curate.config import parse_pipeline
+from curate.judges.self_reward import mean_score, parse_score
+from curate.runner import run_pipeline
 
 PROMPTS = ["Name a fruit that is yellow.", "What is two plus two?", "Say hello in Spanish.", "Why is the sea salty?"]
 
@@ -34,6 +32,7 @@ GENERATE = """  - stage: generators.responses
 
 
 def test_generation_writes_wide_responses_counts_truncation_and_resumes(tmp_path):
+    pytest.importorskip("vllm")
     _write_prompts(tmp_path)
     stats = _run(tmp_path, GENERATE)
     table = pq.read_table(tmp_path / "out" / "data")
@@ -57,6 +56,7 @@ def test_generation_writes_wide_responses_counts_truncation_and_resumes(tmp_path
 
 
 def test_model_pool_draws_models_per_prompt(tmp_path):
+    pytest.importorskip("vllm")
     _write_prompts(tmp_path)
     stages = """  - stage: generators.responses
     id: gen
@@ -93,6 +93,7 @@ JUDGE = GENERATE + """  - stage: judges.self_reward
 
 
 def test_self_reward_judge_end_to_end_with_constrained_output(tmp_path):
+    pytest.importorskip("vllm")
     _write_prompts(tmp_path)
     stats = _run(tmp_path, JUDGE)
     judge = next(s for s in stats["stages"] if s["stage_id"] == "judge")
@@ -108,4 +109,10 @@ def test_self_reward_judge_end_to_end_with_constrained_output(tmp_path):
             assert score == mean_score(texts)[0]
     assert stats["rows_out"] + sum(stats["dropped"].values()) == 4
     out = pq.read_table(tmp_path / "out" / "data").to_pylist()
-    assert all(r["chosen_score"] > r["rejected_score"] for r in out)
+    by_id = {r["id"]: r for r in judged.to_pylist()}
+    for pair in out:  # each pair is the judged best and worst candidate of its prompt, with their real scores
+        scores = by_id[pair["prompt_id"]]["sr_scores"]
+        texts = [c["text"] for c in by_id[pair["prompt_id"]]["responses"]]
+        chosen, rejected = (texts.index(pair[side][0]["content"]) for side in ("chosen", "rejected"))
+        assert pair["chosen_score"] == scores[chosen] == max(s for s in scores if s is not None)
+        assert pair["rejected_score"] == scores[rejected] == min(s for s in scores if s is not None)

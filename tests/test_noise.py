@@ -341,7 +341,7 @@ def test_implicit_margins_match_a_hand_computation(tiny_pair):
     alone = alone.to_arrow().to_pylist()
     for row, (lp, _) in zip(alone, by_hand):
         assert row["spa_margin"] == pytest.approx(0.5 * (lp["pw"] - lp["pl"]), abs=1e-5)
-        assert row["spa_lp_ref_chosen"] is None and row["spa_ref_model"] is None and row["spa_error"] is None
+        assert row["spa_lp_ref_chosen"] is None and row["spa_ref_model"] == "none" and row["spa_error"] is None
     assert alone[3]["spa_error"] == "null rejected" and alone[3]["spa_margin"] is None
     mean = implicit_margins(t, policy, None, beta=1.0, backend="transformers", normalize="mean").to_pylist()
     assert mean[0]["spa_margin"] == pytest.approx(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ class FaultServer(ThreadingHTTPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), FaultHandler)
         self.calls: dict[str, list[float]] = {}
+        self.bodies: list[dict] = []
         self.lock = threading.Lock()
 
 
@@ -47,6 +49,7 @@ class FaultHandler(BaseHTTPRequestHandler):
         key = body["model"] + "|" + body["messages"][-1]["content"]
         with self.server.lock:
             self.server.calls.setdefault(key, []).append(time.monotonic())
+            self.server.bodies.append(body)
             attempt = len(self.server.calls[key])
         model = body["model"]
         ok = json.dumps({"choices": [{"message": {"role": "assistant", "content": f"echo {body['messages'][-1]['content']}"},
@@ -63,6 +66,8 @@ class FaultHandler(BaseHTTPRequestHandler):
             return self._send(503, b"down")
         if model == "bad-request":
             return self._send(400, b'{"error": "bad"}')
+        if model == "hosted" and "structured_outputs" in body:  # a hosted API refuses vLLM's field
+            return self._send(400, b'{"error": "Unrecognized request argument supplied: structured_outputs"}')
         return self._send(200, ok)
 
 
@@ -143,6 +148,23 @@ stages:
     assert all("2 of 2 responses failed" in e for e in table.column("gen_error").to_pylist())
 
 
+def test_a_constrained_judge_sends_its_regex_to_the_server(fault_server, tmp_path):
+    """`constrained: true` reaches a vLLM server as `structured_outputs` (what `vllm serve` 0.32 reads);
+    a server that refuses the field gets the request again without it."""
+    from curate.judges.self_reward import SelfRewardJudge, SelfRewardParams, constrained_regex
+
+    url = f"http://127.0.0.1:{fault_server.server_address[1]}/v1"
+    judge = SelfRewardJudge(SelfRewardParams(model="ok", backend="openai", base_url=url, samples=1))
+    requests = judge.requests("r1", [{"role": "user", "content": "q"}], [{"text": "a"}, {"text": "b"}])
+    out = _backend(fault_server, "ok").generate(requests)
+    assert all(c[0].error is None for c in out)
+    assert [b["structured_outputs"] for b in fault_server.bodies] == [{"regex": constrained_regex(256)}] * 2
+    hosted = _backend(fault_server, "hosted")
+    out = hosted.generate([ChatRequest([{"role": "user", "content": f"h{i}"}], PARAMS, guided_regex="x") for i in range(3)])
+    assert all(c[0].error is None and c[0].text.startswith("echo h") for c in out) and hosted.structured_refused
+    assert sum(len(t) for k, t in fault_server.calls.items() if k.startswith("hosted")) <= 6  # at most one refusal each
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -185,6 +207,12 @@ def test_against_vllm_serve_matches_the_offline_engine(tmp_path_factory):
         assert all(c[0].error is None and c[0].n_tokens > 0 for c in served)
         choice = remote.generate([ChatRequest(PROMPTS[0], GenerationParams(max_tokens=4), guided_choice=["yes", "no"])])
         assert choice[0][0].text in {"yes", "no"}
+        from curate.judges.self_reward import constrained_regex, parse_score
+
+        regex = constrained_regex(40)  # the self-reward judge's constraint, as `constrained: true` sends it
+        judged = remote.generate([ChatRequest(PROMPTS[0], GenerationParams(max_tokens=40, temperature=0.7), seed=1,
+                                              guided_regex=regex)])
+        assert re.fullmatch(regex, judged[0][0].text) and parse_score(judged[0][0].text) is not None
     finally:
         server.terminate()
         try:

@@ -40,15 +40,16 @@ def test_best_random_cdr_case_draws_each_other_candidate_about_half():
     assert abs(counts[(0, 1)] / 10_000 - 0.5) < 0.02
 
 
-def test_best_random_ultrafeedback_case_draws_from_all_other_indices():
-    """METHODS §8.3: means [4.5, 3, 4.5, 2] -> chosen 0 (first max), rejected from {1, 2, 3}; a tie draw is a reason."""
-    seen, reasons = set(), Counter()
+def test_best_random_ultrafeedback_case_draws_among_the_non_max_indices():
+    """METHODS §8.3 means [4.5, 3, 4.5, 2] -> chosen 0 (first max); the rejected is drawn among the
+    non-max candidates {1, 3} (§2 step 4), so the draw never lands on index 2 and no row is lost to a tie."""
+    seen, reasons = Counter(), Counter()
     for i in range(300):
         pairs, why = choose_pairs([4.5, 3, 4.5, 2], list("abcd"), "best_random", random.Random(i))
         seen.update(r for _, r in pairs)
         reasons.update(why)
-        assert all(c == 0 for c, _ in pairs)
-    assert seen == {1, 3} and reasons["tie"] > 0  # index 2 ties the chosen score: dropped as 'tie'
+        assert [c for c, _ in pairs] == [0]
+    assert set(seen) == {1, 3} and sum(seen.values()) == 300 and not reasons
 
 
 def test_curry_all_pairs_margins_and_stages():

@@ -54,8 +54,9 @@ def test_ultrafeedback_pipeline_pairs_the_best_with_a_random_other(tmp_path):
     assert pool["responses"] == 2 * 2 * 2  # 2 prompts x 2 models x n=2
     rows = pq.read_table(out / "data").to_pylist()
     assert rows, "no pair survived"
-    for row in rows:
-        assert row["chosen_score"] > row["rejected_score"]
+    for row in rows:  # the pair's scores are the judge's own: its best candidate against another one
+        scores = [s for s in row["sr_scores"] if s is not None]
+        assert row["chosen_score"] == max(scores) and row["rejected_score"] in scores
         assert {row["chosen_model"], row["rejected_model"]} <= {"smollm2-135m-instruct", "gemma3-270m"}
 
 

@@ -116,7 +116,7 @@ stages:
   - stage: filters.ches
     params: {mode: drop_highest, fraction: 0.1}
   - stage: filters.spa_score
-    params: {policy: smollm2-135m-instruct, backend: transformers}
+    params: {policy: smollm2-135m-instruct, reference: none, backend: transformers}
   - stage: filters.noise_em
     params: {action: weight}
   - stage: filters.donod_score

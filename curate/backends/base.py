@@ -140,14 +140,49 @@ def encode_prompt_text(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
-def end_of_turn_id(tokenizer: Any) -> int:
-    """The token that ends an assistant turn (the tokenizer's EOS; `<|im_end|>` for ChatML).
+TURN_MARK = "CURATEENDOFTURNPROBE"  # an assistant reply no template rewrites, to find what follows it
 
-    Example: end_of_turn_id(smollm2_tokenizer) -> 2
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that ends an assistant turn, read from the chat template: the first token the
+    template puts after an assistant reply when that token is a special token (`<|im_end|>` for
+    ChatML, `<end_of_turn>` for Gemma, `<|eot_id|>` for Llama 3); the tokenizer's EOS otherwise
+    (no template, or a template that ends a turn with plain text). Computed once per tokenizer.
+
+    Example: end_of_turn_id(smollm2_tokenizer) -> 2; end_of_turn_id(gemma_it_tokenizer) -> 106
     """
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token to end a response with")
-    return int(tokenizer.eos_token_id)
+    cached = getattr(tokenizer, "_curate_end_of_turn", None)
+    if cached is not None:
+        return cached
+    found = _template_end_of_turn(tokenizer)
+    if found is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no end-of-turn token in its chat template and no EOS token")
+        found = int(tokenizer.eos_token_id)
+    try:
+        tokenizer._curate_end_of_turn = found
+    except AttributeError:  # pragma: no cover - a tokenizer that refuses attributes: computed each time
+        pass
+    return found
+
+
+def _template_end_of_turn(tokenizer: Any) -> int | None:
+    """The special token right after an assistant reply in the chat template, or None."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": TURN_MARK}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception as exc:  # a template that refuses this conversation: fall back to EOS
+        log.debug("chat template could not render a probe turn (%s); end of turn = EOS", exc)
+        return None
+    if TURN_MARK not in text:
+        return None
+    after = text[text.rindex(TURN_MARK) + len(TURN_MARK):]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special |= {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {}) or {}}
+    return int(ids[0]) if ids and int(ids[0]) in special else None
 
 
 def encode_pair(tokenizer: Any, messages: list[dict[str, str]], response: str) -> tuple[list[int], int]:

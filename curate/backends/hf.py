@@ -4,8 +4,11 @@ Scoring sorts items by length and packs them into batches under a token budget
 (`batch_tokens` = longest row x rows), so padding stays small; spans are computed per row from
 explicit indices, with explicit position ids, so the result is the same with left or right
 padding (METHODS.md §5 index recipe). Log-probs are accumulated in fp32 or better.
-Leaves out: per-row seeds when sampling in a batch (one seed per batch, hashed from its rows'
-seeds: reproducible for the same batch size; greedy decoding is exact) and structured output.
+Generation: greedy requests go in length-sorted batches; sampled requests go one request per
+`generate` call, seeded with the request's own row seed (torch's sampler has one generator per
+call), so a sample does not depend on which rows share its part or batch: re-sharding changes
+nothing here, at the cost of batching (METHODS.md §9). Generation stops at the chat template's
+end-of-turn token as well as EOS. Leaves out: structured output (vLLM serves it).
 
 Example: HFBackend(path, dtype="float32").hidden_states([ScoreItem(msgs, "Paris.")])[0].shape -> (T, d)
 """
@@ -17,7 +20,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 
-from curate.backends.base import ChatRequest, Completion, ScoreItem, encode_item, encode_prompt
+from curate.backends.base import ChatRequest, Completion, ScoreItem, encode_item, encode_prompt, end_of_turn_id
 from curate.keys import digest
 from curate.models import resolve_model
 from curate.progress import work_done, work_started
@@ -154,19 +157,21 @@ class HFBackend:
             groups.setdefault(request.params, []).append(i)
         for params, members in groups.items():
             lengths = [len(prompts[i]) for i in members]
-            for batch in length_batches(lengths, self.batch_tokens, self.max_rows):
+            sampled = params.temperature > 0
+            batches = [[j] for j in range(len(members))] if sampled else \
+                length_batches(lengths, self.batch_tokens, self.max_rows)
+            for batch in batches:
                 idx = [members[j] for j in batch]
                 ids, mask, _, _ = self._padded([prompts[i] for i in idx], "left")
-                seed = int(digest(*[str(requests[i].seed) for i in idx])[:8], 16)
-                torch.manual_seed(seed)
+                if sampled:  # one request per call: its own seed drives its sampler alone
+                    torch.manual_seed(int(digest(str(requests[idx[0]].seed))[:8], 16))
                 with torch.inference_mode():
                     generated = self.model.generate(
                         input_ids=ids, attention_mask=mask, max_new_tokens=params.max_tokens,
-                        do_sample=params.temperature > 0, temperature=params.temperature or None,
-                        top_p=params.top_p if params.temperature > 0 else None,
-                        top_k=params.top_k if params.temperature > 0 else None,
+                        do_sample=sampled, temperature=params.temperature or None,
+                        top_p=params.top_p if sampled else None, top_k=params.top_k if sampled else None,
                         repetition_penalty=params.repetition_penalty, num_return_sequences=params.n,
-                        pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id,
+                        pad_token_id=self.pad_id, eos_token_id=self._stop_ids(),
                     )
                 new = generated[:, ids.shape[1]:].cpu().tolist()
                 for k, i in enumerate(idx):
@@ -175,18 +180,24 @@ class HFBackend:
                         on_done(i, results[i])
         return results
 
+    def _stop_ids(self) -> list[int]:
+        """Token ids that end a reply: the chat template's end-of-turn token and EOS."""
+        ids = [end_of_turn_id(self.tokenizer), self.tokenizer.eos_token_id]
+        return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
     def _completion(self, tokens: list[int], params: Any, n_prompt: int) -> Completion:
-        """Text and finish reason of one generated row (pads and EOS stripped, stop strings applied)."""
-        eos = self.tokenizer.eos_token_id
+        """Text and finish reason of one generated row (pads and the stop token stripped, stop strings applied)."""
+        stops = set(self._stop_ids())
         finish = "length"
-        if eos in tokens:
-            tokens = tokens[: tokens.index(eos)]
+        end = next((k for k, t in enumerate(tokens) if t in stops), None)
+        if end is not None:
+            tokens = tokens[:end]
             finish = "stop"
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         for stop in params.stop:
             if stop in text:
                 text, finish = text[: text.index(stop)], "stop"
-        return Completion(text, finish, len(tokens) + (1 if finish == "stop" and eos is not None else 0), n_prompt, self.name)
+        return Completion(text, finish, len(tokens) + (1 if finish == "stop" else 0), n_prompt, self.name)
 
     def close(self) -> None:
         """Free the model. Example: backend.close()"""

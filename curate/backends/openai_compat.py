@@ -4,7 +4,10 @@ Async inside: at most `max_concurrency` requests in flight; each response of a p
 request (n=1, seed + j), so token counts and seeds are exact per response. Retries with
 exponential backoff and jitter on 429, 5xx, timeouts, connection errors and malformed JSON,
 honouring `Retry-After` (seconds or an HTTP date). A request that still fails becomes a row
-error (`Completion.error`); a run never aborts on one. Leaves out: streaming and log-probs.
+error (`Completion.error`); a run never aborts on one. A guided choice or regex goes out as
+vLLM's `structured_outputs` field (what `vllm serve` 0.32 reads in a chat completion); a server
+that refuses the field (HTTP 400 naming it: hosted APIs) gets the request again without it, and
+a warning says so once. Leaves out: streaming and log-probs.
 
 Example: OpenAIBackend("my-model", base_url="http://127.0.0.1:8000/v1").generate([req])
 """
@@ -61,6 +64,7 @@ class OpenAIBackend:
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.structured_refused = False  # the server answered 400 to `structured_outputs`: sent without it since
 
     def _body(self, request: ChatRequest, index: int) -> dict[str, Any]:
         p = request.params
@@ -78,6 +82,15 @@ class OpenAIBackend:
             body["structured_outputs"] = {"regex": request.guided_regex}
         return body
 
+    def _refuses_structure(self, body: dict[str, Any], status: int, text: str) -> bool:
+        """A 400 that names `structured_outputs`: the server does not take it; drop it from now on (warned once)."""
+        if status != 400 or "structured_outputs" not in body or "structured_outputs" not in text:
+            return False
+        if not self.structured_refused:
+            log.warning("%s does not accept structured_outputs (HTTP 400); judge outputs are unconstrained", self.url)
+        self.structured_refused = True
+        return True
+
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(retry_after, self.max_backoff)
@@ -90,6 +103,8 @@ class OpenAIBackend:
         error = "no attempt made"
         for attempt in range(self.max_retries + 1):
             retry_after = None
+            if self.structured_refused:
+                body = {k: v for k, v in body.items() if k != "structured_outputs"}
             async with gate:
                 try:
                     response = await client.post(self.url, json=body, headers=self.headers, timeout=self.timeout)
@@ -101,6 +116,8 @@ class OpenAIBackend:
                                           int(usage.get("completion_tokens", 0)), int(usage.get("prompt_tokens", 0)),
                                           self.name)
                     error = f"HTTP {response.status_code}: {response.text[:200]}"
+                    if self._refuses_structure(body, response.status_code, response.text):
+                        continue
                     if response.status_code not in RETRY_STATUS:
                         break
                     retry_after = retry_after_seconds(response.headers.get("retry-after"))

@@ -8,14 +8,50 @@ Example: class JudgeParams(ModelParams): samples: int = 3
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from curate.backends.base import open_backend, release_backend
+from curate.backends.base import GenerationParams, open_backend, release_backend
 from curate.contract import Params
 
 EXECUTION = {"execution": True}
+LOGPROB_DTYPE = "float32"  # METHODS.md §2: log-prob methods score in fp32 (bf16 is off by up to 0.19 nats here)
+STRUCTURED_BACKENDS = ("vllm", "openai")  # engines that carry a regex / choice constraint (vLLM; vLLM servers)
+REFERENCE_FREE = "none"  # `reference: none`: an implicit-reward method runs without a reference model
+
+
+def logprob_dtype_field() -> Any:
+    """The `dtype` field of a stage that reads log-probs: fp32 on every backend unless the user says otherwise.
+
+    Example: class CDRParams(ModelParams): dtype: str = logprob_dtype_field()
+    """
+    return Field(LOGPROB_DTYPE, description="weights dtype; fp32 by default: bf16 log-probs are off by up to "
+                                            "0.19 nats (ENVIRONMENT.md), METHODS.md §2 asks for fp32")
+
+
+def reference_field(what: str) -> Any:
+    """The required `reference` field of an implicit-reward method: a model, or `none` written out.
+
+    Example: class SCIRParams(ModelParams): reference: str = reference_field("π_ref of the policy")
+    """
+    return Field(description=f"{what}; `none` runs reference-free (logged as a warning, recorded in "
+                             "stats.json and the rows): β·(LP(a) − LP(b)) is then not an implicit DPO reward")
+
+
+def reference_model(reference: str | None) -> str | None:
+    """The reference model to load, or None for `none` (reference-free). Example: reference_model("none") -> None"""
+    return None if reference is None or reference.strip().lower() == REFERENCE_FREE else reference
+
+
+def constrains(params: Any) -> bool:
+    """Whether a judge's `constrained: true` reaches its engine (vLLM offline, or a vLLM server over HTTP).
+
+    Example: constrains(SelfRewardParams(model="m", backend="openai", base_url="...")) -> True
+    """
+    return bool(getattr(params, "constrained", False)) and params.backend in STRUCTURED_BACKENDS
 
 
 class ModelParams(Params):
@@ -32,6 +68,74 @@ class ModelParams(Params):
     max_retries: int = Field(5, ge=0, json_schema_extra=EXECUTION, description="openai backend: retries per request")
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, json_schema_extra=EXECUTION,
                                                  description="vllm on CUDA: share of GPU memory per engine")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _generation_over_defaults(cls, data: Any) -> Any:
+        """A partial `generation:` block keeps the stage's other defaults (e.g. §1A's T=0.7, top-p 0.9)."""
+        field = cls.model_fields.get("generation")
+        given = data.get("generation") if isinstance(data, dict) else None
+        if field is not None and isinstance(field.default, GenerationParams) and isinstance(given, dict):
+            data = {**data, "generation": field.default.model_dump() | given}
+        return data
+
+
+class ImplicitRewardParams(ModelParams):
+    """Params shared by the implicit-reward methods (SPA, SCIR): a policy, its reference, fp32.
+
+    `r = LP(policy) − LP(reference)` (METHODS.md §0); the reference has no default (`none`
+    written out runs reference-free). Example: SPAScoreParams(policy="dpo", reference="sft").ref_model -> 'sft'
+    """
+
+    policy: str = Field(description="π_θ: the policy whose implicit reward is read")
+    reference: str = reference_field("π_ref of the policy (same tokenizer)")
+    dtype: str = logprob_dtype_field()
+
+    @property
+    def ref_model(self) -> str | None:
+        """The reference model to load, or None for `reference: none`. Example: params.ref_model"""
+        return reference_model(self.reference)
+
+
+def run_dtype(params: Any, model: str | None = None) -> str:
+    """The dtype a model stage really runs in: `auto` resolved as its engine resolves it.
+
+    transformers (and stages without a backend choice: CHES, DONOD, the MiniLM embedder): `auto`
+    is fp32 (`backend_options`); vLLM: the checkpoint's dtype, except that a float32 checkpoint
+    (every GGUF curate converts) runs in the device's first supported dtype (bf16 on this CPU
+    and on recent GPUs); openai: whatever the server was started with.
+    Example: run_dtype(SelfRewardParams(model="smollm2-135m-instruct")) -> 'bfloat16'
+    """
+    dtype = str(getattr(params, "dtype", "auto"))
+    backend = getattr(params, "backend", "transformers")  # stages without the choice (CHES, DONOD, MiniLM) use torch
+    if dtype != "auto":
+        return dtype
+    if backend == "transformers":
+        return "float32"
+    if backend == "openai":
+        return "set by the server"
+    return _vllm_auto_dtype(model)
+
+
+def _vllm_auto_dtype(model: str | None) -> str:
+    """vLLM's `auto`: the config's dtype, or the platform's first supported dtype for a float32 one."""
+    config_dtype = "float32"
+    if model is not None:
+        from curate.models import BUILTIN_GGUF
+
+        folder = os.path.expanduser(model)
+        if model not in BUILTIN_GGUF and not folder.endswith(".gguf") and os.path.isdir(folder):
+            with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+                config = json.load(f)
+            config_dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    if config_dtype not in ("float32", "float"):
+        return config_dtype
+    try:
+        from curate.backends.vllm_engine import auto_dtype
+
+        return auto_dtype()
+    except ImportError:
+        return "unknown: vllm is not installed"
 
 
 def backend_options(params: ModelParams, seed: int) -> dict[str, Any]:

@@ -1,12 +1,16 @@
 """Scoring helpers shared by every stage that reads sequence log-probs (SPA, SCIR, CDR, CHES, DONOD).
 
-Leaves out: the token layout itself (`curate.backends.base.encode_item`) and the engines.
+`summed_logprobs` is the one place that turns items into LP / LPn under several models (METHODS
+§0), with the length check of each model's tokenizer: the implicit rewards of SPA (pairs and
+candidates) and SCIR are read through it. Leaves out: the token layout itself
+(`curate.backends.base.encode_item`) and the engines.
 
 Example: sequence_logprobs(backend, [ScoreItem(msgs, "Paris.")], batch_size=None)[0].sum()
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
@@ -68,3 +72,54 @@ def sequence_logprobs(backend: Any, items: list[ScoreItem], batch_size: int | No
     for start in range(0, len(items), step):
         out.extend(backend.logprobs(items[start:start + step]))
     return out
+
+
+@dataclass
+class ItemSums:
+    """LP (or LPn) of every item under each model, NaN where an item was not scored, and why.
+
+    `tokens`: response tokens under the first model (|R| with the end-of-turn token);
+    `scored_tokens`: their total over the scored items. Example: sums.lp["policy"][0] -> -12.3
+    """
+
+    lp: dict[str, np.ndarray]
+    errors: list[str | None]
+    tokens: list[int | None]
+    scored_tokens: int
+
+
+def summed_logprobs(items: list[ScoreItem], models: dict[str, Any], normalize: Literal["sum", "mean"] = "sum",
+                    batch_size: int | None = None, groups: list[int] | None = None) -> ItemSums:
+    """LP (the sum of response log-probs, METHODS §0) or LPn = LP / |R| of every item under every model.
+
+    Each model's own tokenizer checks the length first; an item too long for any model is not
+    scored and carries the reason, and with `groups` (an owner id per item, e.g. the two sides
+    of a pair) neither is any other item of its group. The first model's token counts are kept.
+    Example: summed_logprobs(items, {"policy": pol, "ref": ref}).lp["ref"]
+    """
+    n = len(items)
+    errors: list[str | None] = [None] * n
+    tokens: list[int | None] = [None] * n
+    for k, backend in enumerate(models.values()):
+        counts, too_long = response_tokens(backend, items)
+        tokens = counts if k == 0 else tokens
+        for i, message in enumerate(too_long):
+            errors[i] = errors[i] or message
+    if groups is not None:
+        failed = {}
+        for i, message in enumerate(errors):
+            if message is not None:
+                failed.setdefault(groups[i], message)
+        errors = [failed.get(g) for g in groups]
+    keep = [i for i in range(n) if errors[i] is None]
+    lp: dict[str, np.ndarray] = {}
+    scored_tokens = 0
+    for k, (label, backend) in enumerate(models.items()):
+        lp[label] = np.full(n, np.nan)
+        for i, per_token in zip(keep, sequence_logprobs(backend, [items[i] for i in keep], batch_size)):
+            total = float(np.sum(per_token, dtype=np.float64))
+            lp[label][i] = total / len(per_token) if normalize == "mean" else total
+            if k == 0:
+                scored_tokens += len(per_token)
+                tokens[i] = tokens[i] if tokens[i] is not None else len(per_token)
+    return ItemSums(lp, errors, tokens, scored_tokens)

@@ -33,7 +33,15 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from curate.backends.base import ChatRequest, Completion, GenerationParams, ScoreItem, encode_item, encode_prompt
+from curate.backends.base import (
+    ChatRequest,
+    Completion,
+    GenerationParams,
+    ScoreItem,
+    encode_item,
+    encode_prompt,
+    end_of_turn_id,
+)
 from curate.models import checkpoint_in_dtype, resolve_model
 from curate.progress import work_done, work_running, work_started
 
@@ -79,8 +87,11 @@ def _count_tokens(engine: Any) -> Iterator[list]:
             processor.process_outputs = own
 
 
-def _auto_dtype() -> str:
-    """The dtype vLLM's `auto` resolves a float32 checkpoint to on this device (its first supported dtype)."""
+def auto_dtype() -> str:
+    """The dtype vLLM's `auto` resolves a float32 checkpoint to on this device (its first supported dtype).
+
+    Example: auto_dtype() -> 'bfloat16' (this CPU)
+    """
     from vllm.platforms import current_platform
 
     return str(current_platform.supported_dtypes[0]).removeprefix("torch.")
@@ -112,7 +123,7 @@ class VLLMBackend:
         from vllm import LLM
 
         if dtype == "auto" and resolved.converted:
-            dtype = _auto_dtype()  # what vLLM picks for an fp32 checkpoint, so the cache can keep it in that dtype
+            dtype = auto_dtype()  # what vLLM picks for an fp32 checkpoint, so the cache can keep it in that dtype
         options: dict[str, Any] = {
             "model": checkpoint_in_dtype(resolved, dtype),  # nothing cast (and warned about) while loading
             "dtype": dtype,
@@ -148,6 +159,7 @@ class VLLMBackend:
             n=p.n, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or 0,
             min_p=p.min_p, repetition_penalty=p.repetition_penalty, stop=list(p.stop) or None,
             seed=request.seed, structured_outputs=structured,
+            stop_token_ids=[end_of_turn_id(self.tokenizer)],  # the template's end of turn, when it is not EOS
         )
 
     streams_requests = True  # generate calls `on_done` as each request finishes
