@@ -69,7 +69,7 @@ def test_ultrafeedback_recipe_rates_listwise_and_binarizes_the_mean(tmp_path):
     out = tmp_path / "out"
     _run(["-q", "run", str(REPO / "pipelines" / "ultrafeedback.yaml"), "--set", "source.limit=2",
           "--set", "stages.pool.params.generation.max_tokens=32", "--set", "stages.judge.params.aspects=[helpfulness, honesty]",
-          "--set", "stages.judge.params.generation.max_tokens=160", "--out", str(out)])
+          "--set", "stages.judge.params.generation.max_tokens=240", "--out", str(out)])
     stats = {s["stage_id"]: s for s in json.loads((out / "stats.json").read_text())["stages"]}
     assert stats["pool"]["counters"]["responses"] == 2 * 2 * 2  # 2 prompts x 2 models x n=2: 4 answers per prompt
     judge = stats["judge"]["counters"]

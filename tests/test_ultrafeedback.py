@@ -220,7 +220,7 @@ stages:
     assert uf["counters"]["requests"] == 3 * 2 and uf["counters"]["parse_failures"] == 0  # constrained output
     assert uf["counters"]["row_errors"] == 0 and uf["counters"]["rated_candidates"] == 9
     judged = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "out" / "parts" / uf["key"]).glob("part-*.parquet"))])
-    pattern = re.compile(listwise_regex(3, 90))
+    pattern = re.compile(listwise_regex(3, 150))
     for row in judged.to_pylist():
         for aspect in ("helpfulness", "honesty"):
             assert pattern.fullmatch(row["uf_texts"][aspect])
