@@ -19,8 +19,8 @@ _EXPORTS = {
     **dict.fromkeys(["density_ratio", "sequence_score", "customize", "load_customization", "parse_domain",
                      "exemplar_text", "CDRJudge", "CDRParams"], "cdr"),
     **dict.fromkeys(["choice_probability", "order_averaged", "is_consistent", "SCIRFilter", "SCIRParams"], "scir"),
-    **dict.fromkeys(["parse_ratings", "listwise_regex", "presentation_order", "map_back", "candidate_means", "load_aspects",
-                     "UltraFeedbackJudge", "UltraFeedbackParams"], "ultrafeedback"),
+    **dict.fromkeys(["parse_ratings", "listwise_regex", "presentation_order", "map_back", "candidate_means",
+                     "monotone_in_position", "load_aspects", "UltraFeedbackJudge", "UltraFeedbackParams"], "ultrafeedback"),
     **dict.fromkeys(["load_template", "conversation_text", "Template"], "templates"),
 }
 
@@ -36,4 +36,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     from curate.judges.self_reward import SelfRewardJudge, SelfRewardParams, mean_score, parse_score
     from curate.judges.templates import Template, conversation_text, load_template
     from curate.judges.ultrafeedback import (UltraFeedbackJudge, UltraFeedbackParams, candidate_means, listwise_regex,
-                                             load_aspects, map_back, parse_ratings, presentation_order)
+                                             load_aspects, map_back, monotone_in_position, parse_ratings,
+                                             presentation_order)

@@ -20,7 +20,9 @@ one-sentence `Rationale:`. The prompt frame (template `ultrafeedback`) and the a
   `uf_model`, and `<stage id>_error`: a reply that lacks the rating of a shown candidate, or a
   failed request, is a row error naming the aspect and the candidates, counted in stats.json
   (`parse_failures`, `row_errors`), never a silent null. Candidates without text are not shown
-  and stay unrated.
+  and stay unrated. `monotone_in_position` counts replies whose ratings strictly rise or fall
+  with the shown position (K >= 3): a judge that rates by position, which the shuffle turns into
+  noise rather than a bias, but noise all the same.
 Binarize with `pairs.from_scores` (`scores: uf_mean`, `mode: best_random`): chosen = highest
 mean, rejected drawn uniformly among the others, ties dropped (§8.3, HuggingFaceH4's
 `ultrafeedback_binarized`). Leaves out: the separate 1-10 critique prompt of §8.3 and its
@@ -134,6 +136,18 @@ def map_back(shown: list[tuple[float | None, str | None]], order: list[int], n_c
     for (rating, why), index in zip(shown, order):
         ratings[index], rationales[index] = rating, why
     return ratings, rationales
+
+
+def monotone_in_position(ratings: list[float | None]) -> bool:
+    """Whether the ratings of K >= 3 shown texts strictly rise or fall with their position: a judge
+    rating by position, not content (counted as `monotone_in_position` in stats.json).
+
+    Example: monotone_in_position([1.0, 2.0, 3.0, 4.0]) -> True; monotone_in_position([2.0, 1.0, 4.0]) -> False
+    """
+    if len(ratings) < 3 or any(r is None for r in ratings):
+        return False
+    steps = [b - a for a, b in zip(ratings, ratings[1:])]  # type: ignore[operator]
+    return all(d > 0 for d in steps) or all(d < 0 for d in steps)
 
 
 def candidate_means(ratings: dict[str, list[float | None]]) -> list[float | None]:
@@ -250,7 +264,8 @@ class UltraFeedbackJudge(Stage):
         p = self.params
         cols: dict[str, list] = {k: [] for k in ("uf_order", "uf_texts", "uf_ratings", "uf_rationales", "uf_mean", "uf_overall")}
         errors: list[str | None] = []
-        counters = Counter(counters_of(answers), requests=len(answers), parse_failures=0, row_errors=0, rated_candidates=0)
+        counters = Counter(counters_of(answers), requests=len(answers), parse_failures=0, row_errors=0, rated_candidates=0,
+                           monotone_in_position=0)
         replies = iter(answers)
         for cands, order in zip(candidates, orders):
             texts, ratings, rationales, problems = {}, {}, {}, []
@@ -258,6 +273,7 @@ class UltraFeedbackJudge(Stage):
                 answer = next(replies) if order else None
                 texts[aspect] = answer.text if answer is not None else None
                 shown = parse_ratings(texts[aspect], len(order))
+                counters["monotone_in_position"] += monotone_in_position([rating for rating, _ in shown])
                 ratings[aspect], rationales[aspect] = map_back(shown, order, len(cands))
                 unrated = sorted(order[j] for j, (rating, _) in enumerate(shown) if rating is None)
                 if answer is not None and answer.error is not None:

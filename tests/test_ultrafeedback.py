@@ -12,7 +12,7 @@ from curate.backends.base import Completion
 from curate.contract import MESSAGES, RESPONSES
 from curate.errors import ConfigError
 from curate.judges.ultrafeedback import (UltraFeedbackJudge, UltraFeedbackParams, candidate_means, listwise_regex, map_back,
-                                         parse_ratings, presentation_order)
+                                         monotone_in_position, parse_ratings, presentation_order)
 from curate.pairing import PairFromScores, PairParams
 from tests.test_icai import ScriptedJudge  # replies computed from the prompt text; records every request
 
@@ -92,6 +92,17 @@ def test_order_is_shuffled_once_per_row_and_ratings_map_back_to_the_original_ord
     # ... and then binarized: chosen is candidate 0 (first of the two 4.5 means), rejected never ties it
     pairs = PairFromScores(PairParams(scores="uf_mean", mode="best_random")).apply(out.table)
     assert all(p["chosen_index"] == 0 and p["rejected_index"] in (1, 3) for p in pairs.table.to_pylist())
+
+
+def test_a_judge_rating_by_position_is_counted():
+    def by_position(prompt: str) -> str:
+        return "\n".join(f"Text {k}\nRating: {k}\nRationale: it is number {k}" for k in range(1, len(shown_texts(prompt)) + 1))
+
+    out = _judge(ScriptedJudge(by_position), aspects=["overall"]).apply(_rows([["a", "b", "c"], ["d", "e"], ["f", "g", "h"]]))
+    assert out.counters["monotone_in_position"] == 2  # two replies with K >= 3
+    assert monotone_in_position([5.0, 3.0, 1.0]) and not monotone_in_position([1.0, 1.0, 2.0])
+    assert not monotone_in_position([1.0, 2.0]) and not monotone_in_position([1.0, None, 3.0])
+    assert _judge(ScriptedJudge(rate_by_content), aspects=["overall"]).apply(_rows([["a q=11"] * 3])).counters["monotone_in_position"] == 0
 
 
 def test_presentation_order_and_map_back():
