@@ -8,7 +8,7 @@ ratings per aspect) are written as JSONL for `compare.py` to binarize and count.
 Two changes are needed for distilabel 1.5.3 to run on vLLM 0.32's CPU build, both made here by a
 small subclass of distilabel's `vLLM` class, never by editing distilabel's files:
 - `disable_cuda_device_placement=True` (distilabel otherwise looks for CUDA devices);
-- its `generate` passes `logits_processors=[]` to `vllm.SamplingParams`, which vLLM 0.32 refuses;
+- its `vLLM.generate` passes `logits_processors=[]` to `vllm.SamplingParams`, which vLLM 0.32 refuses;
   the subclass swaps `vllm.SamplingParams` for the duration of its own call with a function that
   drops that argument when it is empty (and refuses to drop a non-empty one).
 The subclass also appends every request it sent (the prompt text as distilabel rendered it, and
@@ -66,10 +66,11 @@ class CPUvLLM(vLLM):
 
     phase: str = "generate"
 
-    def generate(self, inputs: list, num_generations: int = 1, **kwargs: Any) -> list:  # type: ignore[override]
+    def generate_outputs(self, inputs: list, num_generations: int = 1, **kwargs: Any) -> list:
+        # `generate_outputs`, not `generate`: distilabel reads its runtime parameters from `generate`'s signature
         _log({"event": "start", "phase": self.phase, "time": time.time(), "pid": os.getpid(), "inputs": len(inputs)})
         with _sampling_params_without_empty_logits_processors():
-            outputs = super().generate(inputs=inputs, num_generations=num_generations, **kwargs)
+            outputs = super().generate_outputs(inputs=inputs, num_generations=num_generations, **kwargs)
         for item, output in zip(inputs, outputs):
             _log({"event": "request", "phase": self.phase, "prompt": self.prepare_input(item),
                   "output_tokens": list(output["statistics"].get("output_tokens", [])),
