@@ -374,6 +374,8 @@ def main() -> None:
     parser.add_argument("--rerun-timeout", type=float, default=3.0, help="x the clean wall time before a re-run counts as hung")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
     parser.add_argument("--no-kill", action="store_true")
+    parser.add_argument("--no-tuned", action="store_true", help="skip distilabel with input_batch_size = prompts "
+                        "(the same as its defaults when there are at most 50 prompts)")
     args = parser.parse_args()
 
     from curate.models import checkpoint_in_dtype, resolve_model
@@ -387,6 +389,8 @@ def main() -> None:
     tools = {"curate": lambda folder: CurateRun(args, folder),
              "distilabel, defaults": lambda folder: DistilabelRun(args, folder, python, model_path, None),
              f"distilabel, input_batch_size={args.prompts}": lambda folder: DistilabelRun(args, folder, python, model_path, args.prompts)}
+    if args.no_tuned:
+        tools.pop(f"distilabel, input_batch_size={args.prompts}")
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in tools}
     for repeat in range(args.repeats):
         for name, make in tools.items():
