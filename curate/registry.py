@@ -32,6 +32,7 @@ BUILTIN_MODULES = (
     "curate.generators.responses",
     "curate.judges.self_reward",
     "curate.judges.pairwise",
+    "curate.judges.ultrafeedback",
     "curate.judges.cdr",
     "curate.judges.scir",
     "curate.judges.rationale",

@@ -1,6 +1,6 @@
 """Judges: stages that score or compare candidate responses, and their parsing and scoring math as functions.
 
-Self-rewarding (METHODS §1A), pairwise with both orders (§8.1), CDR density ratios (§2), SCIR
+Self-rewarding (METHODS §1A), pairwise with both orders (§8.1), UltraFeedback's listwise ratings (§8.3), CDR density ratios (§2), SCIR
 consistency (§1B), and the prompt templates they render. Each name is imported on first use, so
 `import curate.judges` stays cheap.
 
@@ -19,6 +19,8 @@ _EXPORTS = {
     **dict.fromkeys(["density_ratio", "sequence_score", "customize", "load_customization", "parse_domain",
                      "exemplar_text", "CDRJudge", "CDRParams"], "cdr"),
     **dict.fromkeys(["choice_probability", "order_averaged", "is_consistent", "SCIRFilter", "SCIRParams"], "scir"),
+    **dict.fromkeys(["parse_ratings", "listwise_regex", "presentation_order", "map_back", "candidate_means",
+                     "monotone_in_position", "load_aspects", "UltraFeedbackJudge", "UltraFeedbackParams"], "ultrafeedback"),
     **dict.fromkeys(["load_template", "conversation_text", "Template"], "templates"),
 }
 
@@ -33,3 +35,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     from curate.judges.scir import SCIRFilter, SCIRParams, choice_probability, is_consistent, order_averaged
     from curate.judges.self_reward import SelfRewardJudge, SelfRewardParams, mean_score, parse_score
     from curate.judges.templates import Template, conversation_text, load_template
+    from curate.judges.ultrafeedback import (UltraFeedbackJudge, UltraFeedbackParams, candidate_means, listwise_regex,
+                                             load_aspects, map_back, monotone_in_position, parse_ratings,
+                                             presentation_order)

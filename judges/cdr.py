@@ -46,7 +46,6 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import yaml
 from pydantic import Field, model_validator
 
 from curate.backends.base import ChatRequest, GenerationParams, ScoreItem, render_prompt
@@ -55,7 +54,7 @@ from curate.backends.scoring import as_messages, response_tokens, sequence_logpr
 from curate.contract import RESPONSES, Stage, StageOutput, put_columns, require, with_fields, with_reason
 from curate.errors import ConfigError, SchemaError
 from curate.filters.noise import swap_pairs
-from curate.judges.templates import BUILTIN_DIR, conversation_text, load_template
+from curate.judges.templates import BUILTIN_DIR, conversation_text, load_template, read_yaml
 from curate.keys import canonical_json, digest, row_seed
 from curate.registry import register
 
@@ -129,13 +128,7 @@ def load_customization(name_or_path: str) -> dict[str, Any]:
     """
     path = name_or_path if name_or_path.endswith((".yaml", ".yml")) else \
         f"{BUILTIN_DIR}/{name_or_path}_customization.yaml"
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError("no such CDR customization file (built-in: cdr)", where=name_or_path) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML: {exc}", where=path) from None
+    data = read_yaml(path, "no such CDR customization file (built-in: cdr)", name_or_path) or {}
     criteria, exemplars = data.get("criteria") or {}, data.get("exemplars") or {}
     unknown = sorted((set(criteria) | set(exemplars)) - set(DOMAINS))
     if unknown:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import string
 from dataclasses import dataclass
+from typing import Any
 
 from curate.errors import ConfigError
 from curate.keys import digest
@@ -61,6 +62,23 @@ def load_template(name_or_path: str, required: tuple[str, ...] = ()) -> Template
     if missing:
         raise ConfigError(f"template lacks the fields {missing}", where=path)
     return template
+
+
+def read_yaml(path: str, missing: str, where: str) -> Any:
+    """A YAML file's data (safe_load; None when empty); a ConfigError naming the file when it is
+    missing (`missing` at `where`) or not valid YAML.
+
+    Example: read_yaml(f"{BUILTIN_DIR}/cdr_customization.yaml", "no such file", "cdr")["criteria"]
+    """
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(missing, where=where) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", where=path) from None
 
 
 def conversation_text(messages: list[dict[str, str]]) -> str:

