@@ -5,7 +5,10 @@ Modes (METHODS.md §1A, §2, §8.3, §8.5):
   index (§1A). Example: [4.33, 2.0, 4.33, 1.0] -> chosen 0, rejected 3, margin 3.33.
 - `best_random`: chosen = highest score (first index among maxima), rejected drawn uniformly
   from the valid candidates scoring below the max, with a seed hashed from (row id, stage id,
-  global seed) (§2, §8.3). Example: [1.5, 1.5, 0.2] -> always (0, 2); only all-equal scores are a `tie`.
+  global seed) (§2). Example: [1.5, 1.5, 0.2] -> always (0, 2); only all-equal scores are a `tie`.
+- `best_random_other`: UltraFeedback's binarization (§8.3): chosen as above, rejected drawn
+  uniformly from all the other valid candidates, and a draw that ties the chosen score is dropped
+  as `tie` (ties removed). Example: [4.5, 3, 4.5, 2] -> rejected 1, 2 or 3; a draw of 2 is a `tie`.
 - `all_pairs`: the best against every other candidate, with `margin`, `curr_rank` (1 = easiest,
   the largest margin) and `curr_stage` for Curry-DPO curricula; each part is sorted by
   (curr_stage, -margin) (§8.5). Example: [5, 4, 3, 2] -> margins 3, 2, 1 -> stages 1, 2, 3.
@@ -32,7 +35,7 @@ from curate.errors import SchemaError
 from curate.keys import row_seed
 from curate.registry import register
 
-Mode = Literal["best_worst", "best_random", "all_pairs"]
+Mode = Literal["best_worst", "best_random", "best_random_other", "all_pairs"]
 
 PAIR_FIELDS: dict[str, pa.DataType] = {
     "id": pa.string(),
@@ -56,7 +59,7 @@ class PairParams(Params):
 
     scores: str = Field("scores", description="list column of per-candidate scores, same order as responses")
     responses: str = Field("responses", description="list<struct<text, model, ...>> column of candidates")
-    mode: Mode = Field("best_worst", description="best_worst | best_random | all_pairs")
+    mode: Mode = Field("best_worst", description="best_worst | best_random | best_random_other | all_pairs")
 
 
 def _valid(score: float | None) -> bool:
@@ -83,6 +86,9 @@ def choose_pairs(
         candidates = [(best, worst)]
     elif mode == "best_random":
         others = [i for i in valid if scores[i] < scores[best]]  # §2: drawn among the non-max candidates
+        candidates = [(best, others[(rng or random.Random(0)).randrange(len(others))])]
+    elif mode == "best_random_other":
+        others = [i for i in valid if i != best]  # §8.3: drawn among the other candidates, ties removed below
         candidates = [(best, others[(rng or random.Random(0)).randrange(len(others))])]
     else:
         candidates = [(best, j) for j in valid if j != best]
@@ -146,7 +152,7 @@ class PairFromScores(Stage):
         take, rows, reject_take, reject_reasons = [], [], [], []
         for row, (row_id, cands, cand_scores) in enumerate(zip(ids, responses, scores)):
             cands, cand_scores = cands or [], cand_scores or []
-            rng = random.Random(row_seed(row_id, self.stage_id, self.seed)) if p.mode == "best_random" else None
+            rng = random.Random(row_seed(row_id, self.stage_id, self.seed)) if p.mode.startswith("best_random") else None
             pairs, reasons = choose_pairs(cand_scores, [c["text"] for c in cands], p.mode, rng)
             reject_take += [row] * len(reasons)
             reject_reasons += reasons

@@ -23,7 +23,7 @@ one-sentence `Rationale:`. The prompt frame (template `ultrafeedback`) and the a
   and stay unrated. `monotone_in_position` counts replies whose ratings strictly rise or fall
   with the shown position (K >= 3): a judge that rates by position, which the shuffle turns into
   noise rather than a bias, but noise all the same.
-Binarize with `pairs.from_scores` (`scores: uf_mean`, `mode: best_random`): chosen = highest
+Binarize with `pairs.from_scores` (`scores: uf_mean`, `mode: best_random_other`): chosen = highest
 mean, rejected drawn uniformly among the others, ties dropped (§8.3, HuggingFaceH4's
 `ultrafeedback_binarized`). Leaves out: the separate 1-10 critique prompt of §8.3 and its
 overall_score fix, and the world-knowledge hints UltraFeedback gave its truthfulness annotator.

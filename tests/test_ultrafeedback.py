@@ -55,7 +55,7 @@ def test_methods_hand_case_chosen_is_first_max_rejected_uniform_among_the_others
     a draw of 2 ties the chosen mean and the row is dropped as `tie` (ties removed)."""
     n = 600
     table = _rows([["a", "b", "c", "d"]] * n).append_column("uf_mean", pa.array([[4.5, 3.0, 4.5, 2.0]] * n, pa.list_(pa.float64())))
-    out = PairFromScores(PairParams(scores="uf_mean", mode="best_random"), seed=0).apply(table)
+    out = PairFromScores(PairParams(scores="uf_mean", mode="best_random_other"), seed=0).apply(table)
     pairs = out.table.to_pylist()
     assert {p["chosen_index"] for p in pairs} == {0} and {p["rejected_index"] for p in pairs} == {1, 3}
     assert all(p["chosen_score"] == 4.5 and p["margin"] == 4.5 - p["rejected_score"] for p in pairs)
