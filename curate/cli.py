@@ -18,6 +18,7 @@ import click
 
 import curate
 from curate.errors import CurateError
+from curate.redaction import redact
 
 log = logging.getLogger("curate")
 
@@ -37,7 +38,7 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except CurateError as exc:
             if debug:
                 raise
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {redact(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
             if debug:

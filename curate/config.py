@@ -23,6 +23,7 @@ from curate.registry import get_stage
 from curate.sources import SampleSpec, SourceSpec
 
 Path = tuple[Any, ...]
+MAX_ID_CHARS = 64  # a stage id names folders (rejects/<id>/, states/<id>.parquet)
 
 
 class StageSpec(BaseModel):
@@ -325,9 +326,10 @@ def _bind_stage(spec: StageSpec, index: int, seed: int, lines, filename: str, ta
             suffix += 1
     elif stage_id in taken:
         raise ConfigError(f"stage id '{stage_id}' is used twice", where=_locate(lines, filename, loc + ("id",)))
-    if stage_id == "source" or not stage_id.replace("_", "").replace("-", "").isalnum():
-        raise ConfigError(f"stage id '{stage_id}' must be letters, digits, '_' or '-' (and not 'source')",
-                          where=_locate(lines, filename, loc + ("id",)))
+    if stage_id == "source" or not stage_id.replace("_", "").replace("-", "").isalnum() or len(stage_id) > MAX_ID_CHARS:
+        shown = repr(stage_id)[1:-1] if len(stage_id) <= MAX_ID_CHARS else f"{stage_id[:20]}…"
+        raise ConfigError(f"stage id '{shown}' must be at most {MAX_ID_CHARS} letters, digits, '_' or '-' "
+                          "(and not 'source'): it names folders of the run", where=_locate(lines, filename, loc + ("id",)))
     taken.add(stage_id)
     return BoundStage(
         id=stage_id,

@@ -20,6 +20,7 @@ from curate.config import BoundStage, Pipeline
 from curate.contract import REASON
 from curate.errors import SchemaError
 from curate.keys import chain_key
+from curate.redaction import redact
 
 
 @dataclass
@@ -111,7 +112,7 @@ class Plan:
             "name": self.pipeline.spec.name,
             "pipeline": self.pipeline.path,
             "seed": self.pipeline.spec.seed,
-            "overrides": self.pipeline.overrides,
+            "overrides": [redact(item) for item in self.pipeline.overrides],  # a --set base_url=… keeps no credentials
             "source": {
                 "spec": self.pipeline.spec.source.model_dump(mode="json", exclude_none=True),
                 "key": self.source.key,
