@@ -142,11 +142,16 @@ def read_yaml(text: str, filename: str) -> tuple[Any, dict[Path, int]]:
         raise ConfigError(problem, where=where) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", where=filename) from None
+    except RecursionError:
+        raise ConfigError("the YAML is nested too deeply", where=filename) from None
     finally:
         loader.dispose()
-    _refuse_duplicate_keys(node, filename, set())
-    lines: dict[Path, int] = {}
-    _line_map(node, (), lines, set())
+    try:
+        _refuse_duplicate_keys(node, filename, set())
+        lines: dict[Path, int] = {}
+        _line_map(node, (), lines, set())
+    except RecursionError:
+        raise ConfigError("the YAML is nested too deeply", where=filename) from None
     return data, lines
 
 

@@ -39,6 +39,7 @@ from curate.sources import (
 BLOCK_BYTES = 8 << 20  # JSONL bytes parsed at a time
 BATCH_ROWS = 65_536  # rows per Parquet / Arrow read batch
 PREVIEW_ROWS = 1_000  # rows `plan` and `validate` read to learn the columns
+MAX_DEPTH = 64  # levels of nested lists / structs a column may have
 
 
 @dataclass
@@ -214,6 +215,8 @@ def check_cell_sizes(chunk: Chunk, max_bytes: int, max_items: int) -> None:
     structs of lists is walked through). Example: check_cell_sizes(chunk, 64 << 20, 100_000)
     """
     for name in chunk.table.column_names:
+        if _depth(chunk.table.schema.field(name).type) > MAX_DEPTH:
+            raise InputError(f"column '{name}' is nested more than {MAX_DEPTH} levels deep", where=chunk.where(chunk.start))
         offset = 0
         for array in chunk.table.column(name).chunks:
             found = _first_oversized(array, np.arange(offset, offset + len(array)), max_bytes, max_items)
@@ -221,6 +224,17 @@ def check_cell_sizes(chunk: Chunk, max_bytes: int, max_items: int) -> None:
                 row, what = found
                 raise InputError(f"column '{name}' holds {what}", where=chunk.where(chunk.start + int(row)))
             offset += len(array)
+
+
+def _depth(kind: pa.DataType, limit: int = MAX_DEPTH + 1) -> int:
+    """Levels of nesting of a type, counted up to `limit` (0 for a flat one). Example: _depth(pa.list_(pa.int8())) -> 1"""
+    level, layer = 0, [kind]
+    while level < limit:
+        layer = [t.field(i).type for t in layer for i in range(t.num_fields)]
+        if not layer:
+            return level
+        level += 1
+    return level
 
 
 def _first_oversized(array: pa.Array, rows: np.ndarray, max_bytes: int, max_items: int) -> tuple[int, str] | None:
@@ -311,6 +325,8 @@ def _parse_lines_strictly(raw: bytes, name: str) -> list[dict]:
             row = json.loads(text)
         except json.JSONDecodeError as exc:
             raise InputError(f"line is not valid JSON: {exc.msg}", where=f"{name}:{number}") from None
+        except RecursionError:
+            raise InputError("line is nested too deeply", where=f"{name}:{number}") from None
         if not isinstance(row, dict):
             raise InputError(f"line is a JSON {type(row).__name__}, expected an object", where=f"{name}:{number}")
         rows.append(row)
