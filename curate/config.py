@@ -127,7 +127,11 @@ def read_yaml(text: str, filename: str) -> tuple[Any, dict[Path, int]]:
 
     Example: read_yaml("a: 1\\n", "p.yaml") -> ({'a': 1}, {(): 1, ('a',): 1})
     """
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:  # a control character: checked before any parsing
+        line = text[: exc.position].count("\n") + 1
+        raise ConfigError(f"character #x{exc.character:04x} is not allowed in YAML", where=f"{filename}:{line}") from None
     try:
         node = loader.get_single_node()
         if node is None:

@@ -137,8 +137,8 @@ def _parse_block(block: bytes, name: str, first_line: int) -> pa.Table:
         except InputError as exc:  # renumber the block's line into the file's
             line = int(exc.where.rsplit(":", 1)[1]) + first_line - 1
             raise InputError(exc.message, where=f"{name}:{line}") from None
-        try:
-            return pa.Table.from_pylist(rows)
+        try:  # the columns of every row: from_pylist would keep only the keys of the first one
+            return pa.Table.from_struct_array(pa.array(rows)) if rows else pa.table({})
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise InputError(f"rows do not share one type per column: {exc}", where=f"{name}:{first_line}") from None
 

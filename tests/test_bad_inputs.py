@@ -259,6 +259,10 @@ CASES.update({
                             {"in.jsonl": _rows({"id": {"a": 1}, "prompt": "a"})}),
     "types_differ_across_rows": Case(_pipeline(), ["in.jsonl:1", "do not share one type per column"], 3,
                                      {"in.jsonl": _rows({"prompt": "a"}, {"prompt": [{"role": "user", "content": "b"}]})}),
+    "later_row_column_with_mixed_types": Case(  # once read with the first row's columns only: 'chosen' vanished
+        _pipeline(), ["in.jsonl:1", "do not share one type per column"], 3,
+        {"in.jsonl": _rows({"prompt": "a"}, {"prompt": "b", "chosen": [{"role": "assistant", "content": ""},
+                                                                     {"role": "assistant", "content": 0}]})}),
     "json_null_line": Case(_pipeline(), ["in.jsonl:2", "'prompt' is null"], 3, {"in.jsonl": '{"prompt": "a"}\nnull\n'}),
     "json_nan_prompt": Case(_pipeline(), ["in.jsonl", "'prompt' must be a string", "double"], 3, {"in.jsonl": '{"prompt": NaN}\n'}),
     "gzip_bytes_named_jsonl": Case(_pipeline(), ["in.jsonl:1", "not valid UTF-8"], 3,
