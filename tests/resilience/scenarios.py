@@ -4,6 +4,7 @@ Each scenario runs real `curate` processes (or the real push) on cheap CPU-only 
 returns one `Outcome` per repetition: did the run (after recovery) complete, how many rows were
 lost or duplicated against an uninterrupted run, anything it found wrong, and how long recovery
 took. The scenarios:
+- `sigkill`: the CPU pipeline SIGKILLed at seeded random moments, then resumed;
 - `disk_full`: ENOSPC injected at the k-th write moment of a run (a Parquet or Arrow file write,
   leaving a half-written file, or an fsync), then the run resumed with the space "freed";
 - `two_runs`: a second `curate run` on the output folder of a live one;
@@ -176,6 +177,46 @@ def one_error_line(stderr: str, expect: str) -> list[str]:
     if not lines or not lines[-1].startswith("error: ") or expect not in lines[-1]:
         return [f"no one-line error naming {expect!r}: {stderr[-300:]!r}"]
     return []
+
+
+# SIGKILL -------------------------------------------------------------------------------------------
+
+
+def sigkill(folder: Path, kills: int = 3, rows: int = 20_000, seed: int = 1234) -> list[Outcome]:
+    """SIGKILL a run at `kills` seeded random moments (each in a fresh folder), then resume it.
+
+    A run that ends before its moment is not counted (one Outcome per kill that landed).
+    """
+    import signal
+
+    prepare_cpu_run(folder, rows, part_rows=1000)
+    started = time.perf_counter()
+    clean = curate(folder, "-q", "run", "p.yaml", "--out", "clean")
+    duration = time.perf_counter() - started
+    assert clean.returncode == 0, clean.stderr
+    expected = published(folder / "clean")
+    rng = random.Random(seed)
+    outcomes = []
+    for k in range(kills):
+        out = f"killed-{k}"
+        proc = curate(folder, "-q", "run", "p.yaml", "--out", out, wait=False)
+        time.sleep(rng.uniform(0.05, 0.8) * duration)
+        if proc.poll() is not None:
+            continue  # the run ended before its kill moment: not a kill, left out of the count
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=300)
+        problems = nothing_half_written(folder / out)
+        started = time.perf_counter()
+        resumed = curate(folder, "-q", "run", "p.yaml", "--out", out)
+        seconds = time.perf_counter() - started
+        if resumed.returncode != 0:
+            outcomes.append(Outcome("SIGKILL mid-run", False, 0, 0, None, problems + [resumed.stderr[-300:]]))
+            continue
+        lost, duplicated, differ = compare(published(folder / out), expected)
+        leftovers = [str(p) for p in (folder / out).rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+        outcomes.append(Outcome("SIGKILL mid-run", True, lost, duplicated, seconds,
+                                problems + differ + [f"left behind: {p}" for p in leftovers]))
+    return outcomes
 
 
 # Disk full ---------------------------------------------------------------------------------------
