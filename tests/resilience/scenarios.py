@@ -205,18 +205,21 @@ def sigkill(folder: Path, kills: int = 3, rows: int = 20_000, seed: int = 1234) 
             continue  # the run ended before its kill moment: not a kill, left out of the count
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=300)
-        problems = nothing_half_written(folder / out)
-        started = time.perf_counter()
-        resumed = curate(folder, "-q", "run", "p.yaml", "--out", out)
-        seconds = time.perf_counter() - started
-        if resumed.returncode != 0:
-            outcomes.append(Outcome("SIGKILL mid-run", False, 0, 0, None, problems + [resumed.stderr[-300:]]))
-            continue
-        lost, duplicated, differ = compare(published(folder / out), expected)
-        leftovers = [str(p) for p in (folder / out).rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
-        outcomes.append(Outcome("SIGKILL mid-run", True, lost, duplicated, seconds,
-                                problems + differ + [f"left behind: {p}" for p in leftovers]))
+        outcomes.append(resume(folder, out, expected, "SIGKILL mid-run", nothing_half_written(folder / out)))
     return outcomes
+
+
+def resume(folder: Path, out: str, expected: pa.Table, scenario: str, problems: list[str]) -> Outcome:
+    """Run again into `out` after a fault; compare with the uninterrupted output; look for leftovers."""
+    started = time.perf_counter()
+    resumed = curate(folder, "-q", "run", "p.yaml", "--out", out)
+    seconds = time.perf_counter() - started
+    if resumed.returncode != 0:
+        return Outcome(scenario, False, 0, 0, None, problems + [resumed.stderr[-300:]])
+    lost, duplicated, differ = compare(published(folder / out), expected)
+    leftovers = [str(p) for p in (folder / out).rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    problems = problems + differ + nothing_half_written(folder / out) + [f"left behind: {p}" for p in leftovers]
+    return Outcome(scenario, True, lost, duplicated, seconds, problems)
 
 
 # Disk full ---------------------------------------------------------------------------------------
@@ -246,16 +249,9 @@ def disk_full(folder: Path, moments: int | None = 6, rows: int = 3000) -> list[O
         problems = nothing_half_written(folder / out)
         if failed.returncode != 0:
             problems += one_error_line(failed.stderr, "No space left on device")
-        started = time.perf_counter()
-        resumed = curate(folder, "-q", "run", "p.yaml", "--out", out)
-        seconds = time.perf_counter() - started
-        if resumed.returncode != 0:
-            outcomes.append(Outcome("disk full", False, 0, 0, None, problems + [resumed.stderr[-300:]]))
-            continue
-        lost, duplicated, differ = compare(published(folder / out), expected)
-        leftovers = [str(p) for p in (folder / out).rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
-        problems += differ + nothing_half_written(folder / out) + [f"left behind: {p}" for p in leftovers]
-        outcomes.append(Outcome("disk full", True, lost, duplicated, seconds, [f"moment {at}/{total}: {p}" for p in problems]))
+        outcome = resume(folder, out, expected, "disk full", problems)
+        outcome.problems = [f"moment {at}/{total}: {p}" for p in outcome.problems]
+        outcomes.append(outcome)
     return outcomes
 
 
