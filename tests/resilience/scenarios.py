@@ -263,7 +263,7 @@ SLEEP_STAGE = "  - stage: test.sleep\n    id: slow\n"
 def two_runs(folder: Path, repeats: int = 1, rows: int = 2000) -> list[Outcome]:
     """Start a run (a stage that sleeps per part keeps it alive), then a second one on the same folder."""
     prepare_cpu_run(folder, rows, part_rows=500, extra_stage=SLEEP_STAGE)
-    env = {"CURATE_TEST_SLEEP": "0.5"}
+    env = {"CURATE_TEST_SLEEP": "1.0"}  # 4 parts: the first run lives ~4 s past its lock
     clean = curate(folder, "-q", "run", "p.yaml", "--out", "clean", env=env)
     assert clean.returncode == 0, clean.stderr
     expected = published(folder / "clean")
