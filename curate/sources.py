@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from curate.contract import MESSAGE, MESSAGES, RESPONSE, RESPONSES, with_reason
 from curate.errors import InputError
@@ -68,6 +68,25 @@ class SourceSpec(BaseModel):
     max_cell_bytes: int = Field(64 << 20, ge=1, description="longest string (bytes) a cell may hold; a JSONL line "
                                 "longer than 4x this is refused before it is parsed")
     max_list_items: int = Field(100_000, ge=1, description="most items a list cell (or a list inside one) may hold")
+
+    @field_validator("path")
+    @classmethod
+    def _remember_url_secrets(cls, path: str | None) -> str | None:
+        """Credentials in an fsspec URL (`https://user:pw@host/x.jsonl`) become secrets (curate.redaction)."""
+        if path is not None and "://" in path:
+            from curate.redaction import redact_url
+
+            redact_url(path)
+        return path
+
+    @field_serializer("path")
+    def _path_redacted(self, path: str | None) -> str | None:
+        """plan.json and the card get a URL without its credentials."""
+        if path is None or "://" not in path:
+            return path
+        from curate.redaction import redact_url
+
+        return redact_url(path)
 
     @model_validator(mode="after")
     def _one_location(self) -> "SourceSpec":

@@ -176,6 +176,15 @@ def test_planted_tokens_never_reach_any_output_or_stream(tmp_path):
     assert echoed and all("Basic ***" in e and "key=***" in e for e in echoed), errors
 
 
+def test_a_source_url_keeps_its_credentials_out_of_the_plan():
+    from curate.sources import SourceSpec
+
+    spec = SourceSpec(path=f"https://u:{URL_PASSWORD}@data.example/x.jsonl?sig={URL_KEY}")
+    dumped = json.dumps(spec.model_dump(mode="json"))
+    assert URL_PASSWORD not in dumped and URL_KEY not in dumped and "***@data.example/x.jsonl" in dumped
+    assert spec.path.startswith(f"https://u:{URL_PASSWORD}@")  # the reader still gets them
+
+
 def test_url_credentials_reach_the_server_but_not_the_plan(tmp_path):
     from curate.backends.openai_compat import OpenAIBackend
 
