@@ -304,3 +304,21 @@ def test_huge_cells_fail_the_cli_with_one_located_line(tmp_path):
         proc = _curate(tmp_path, "-q", command, "p.yaml")
         assert proc.returncode == 3 and "Traceback" not in proc.stderr
         assert proc.stderr.strip().startswith("error: ") and "in.jsonl:1" in proc.stderr
+
+
+def test_redaction_of_urls_and_log_records(monkeypatch):
+    from curate.redaction import SecretFilter, redact, redact_url
+
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_SECRET)
+    assert redact_url("https://api.example.com/v1") == "https://api.example.com/v1"
+    assert redact_url(f"http://{URL_PASSWORD}@h:1/v1") == "http://***@h:1/v1"  # a token as the user name
+    assert redact_url(f"http://h/v1?api-version=2024&key={URL_KEY}") == "http://h/v1?api-version=***&key=***"
+    assert redact(f"sent {OPENAI_SECRET} and {URL_PASSWORD} and {URL_KEY}") == "sent *** and *** and ***"
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "bad key %s", (OPENAI_SECRET,), None)
+    assert SecretFilter().filter(record) and record.getMessage() == "bad key ***"
+    try:
+        raise ValueError(f"boom {URL_KEY}")
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    SecretFilter().filter(record)
+    assert URL_KEY not in logging.Formatter().format(record) and "***" in logging.Formatter().format(record)
