@@ -56,7 +56,7 @@ def main() -> None:
         "sigkill": (f"SIGKILL at seeded moments, CPU pipeline ({'6k' if quick else '20k'} rows)",
                     lambda d: scenarios.sigkill(d, kills=2 if quick else 20, rows=6000 if quick else 20_000)),
         "disk_full": ("disk full (ENOSPC) at write moments, then resume",
-                      lambda d: scenarios.disk_full(d, moments=6 if quick else args.disk_moments)),
+                      lambda d: scenarios.disk_full(d, moments=4 if quick else args.disk_moments)),
         "two_runs": ("two `curate run` on one folder: second refused",
                      lambda d: scenarios.two_runs(d, repeats=1 if quick else 10)),
         "backend_faults": ("backend 429/500/timeout/truncated/malformed/null",
