@@ -141,6 +141,8 @@ def _parse_block(block: bytes, name: str, first_line: int) -> pa.Table:
             return pa.Table.from_struct_array(pa.array(rows)) if rows else pa.table({})
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise InputError(f"rows do not share one type per column: {exc}", where=f"{name}:{first_line}") from None
+        except OverflowError:
+            raise InputError("a number does not fit in 64 bits", where=f"{name}:{first_line}") from None
 
 
 def _first_lines(block: bytes, lines: int) -> bytes:

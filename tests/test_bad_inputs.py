@@ -263,6 +263,9 @@ CASES.update({
         _pipeline(), ["in.jsonl:1", "do not share one type per column"], 3,
         {"in.jsonl": _rows({"prompt": "a"}, {"prompt": "b", "chosen": [{"role": "assistant", "content": ""},
                                                                      {"role": "assistant", "content": 0}]})}),
+    "number_past_64_bits": Case(_pipeline(), ["in.jsonl:1", "does not fit in 64 bits"], 3,
+                                # a type change sends the block to the strict reader, where 2**64 raised OverflowError
+                                {"in.jsonl": '{"prompt": "a", "n": 18446744073709551616, "x": true}\n{"prompt": "b", "x": 1}\n'}),
     "json_null_line": Case(_pipeline(), ["in.jsonl:2", "'prompt' is null"], 3, {"in.jsonl": '{"prompt": "a"}\nnull\n'}),
     "json_nan_prompt": Case(_pipeline(), ["in.jsonl", "'prompt' must be a string", "double"], 3, {"in.jsonl": '{"prompt": NaN}\n'}),
     "gzip_bytes_named_jsonl": Case(_pipeline(), ["in.jsonl:1", "not valid UTF-8"], 3,
