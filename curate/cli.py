@@ -8,6 +8,7 @@ Example: curate run pipelines/quickstart.yaml --out out/quickstart
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -18,6 +19,7 @@ import click
 
 import curate
 from curate.errors import CurateError
+from curate.redaction import redact
 
 log = logging.getLogger("curate")
 
@@ -37,12 +39,18 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except CurateError as exc:
             if debug:
                 raise
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {redact(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
             if debug:
                 raise
             click.echo(f"error: {exc.filename or ''}: {exc.strerror}", err=True)
+            sys.exit(1)
+        except OSError as exc:
+            if debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = f"{exc.filename}: " if isinstance(exc.filename, str) else ""
+            click.echo(f"error: {where}{exc.strerror}; finished parts are kept, free space and run again", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; finished parts are kept, run again to resume", err=True)
@@ -191,8 +199,13 @@ def push(run_dir: str, repo_id: str, private: bool, revision: str | None, config
     """
     from curate.hub import push_run
 
-    if not click.get_current_context().find_root().params.get("debug"):
+    root = click.get_current_context().find_root().params
+    if not root.get("debug"):
         logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
+    if root.get("quiet"):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # -q: no upload bars either
     plan = push_run(run_dir, repo_id, private=private, revision=revision, config_name=config_name,
                     dry_run=dry_run, commit_files=commit_files)
     verb = "would send" if dry_run else "sent"

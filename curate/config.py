@@ -23,6 +23,7 @@ from curate.registry import get_stage
 from curate.sources import SampleSpec, SourceSpec
 
 Path = tuple[Any, ...]
+MAX_ID_CHARS = 64  # a stage id names folders (rejects/<id>/, states/<id>.parquet)
 
 
 class StageSpec(BaseModel):
@@ -126,7 +127,11 @@ def read_yaml(text: str, filename: str) -> tuple[Any, dict[Path, int]]:
 
     Example: read_yaml("a: 1\\n", "p.yaml") -> ({'a': 1}, {(): 1, ('a',): 1})
     """
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:  # a control character: checked before any parsing
+        line = text[: exc.position].count("\n") + 1
+        raise ConfigError(f"character #x{exc.character:04x} is not allowed in YAML", where=f"{filename}:{line}") from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -141,11 +146,16 @@ def read_yaml(text: str, filename: str) -> tuple[Any, dict[Path, int]]:
         raise ConfigError(problem, where=where) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", where=filename) from None
+    except RecursionError:
+        raise ConfigError("the YAML is nested too deeply", where=filename) from None
     finally:
         loader.dispose()
-    _refuse_duplicate_keys(node, filename, set())
-    lines: dict[Path, int] = {}
-    _line_map(node, (), lines, set())
+    try:
+        _refuse_duplicate_keys(node, filename, set())
+        lines: dict[Path, int] = {}
+        _line_map(node, (), lines, set())
+    except RecursionError:
+        raise ConfigError("the YAML is nested too deeply", where=filename) from None
     return data, lines
 
 
@@ -325,9 +335,10 @@ def _bind_stage(spec: StageSpec, index: int, seed: int, lines, filename: str, ta
             suffix += 1
     elif stage_id in taken:
         raise ConfigError(f"stage id '{stage_id}' is used twice", where=_locate(lines, filename, loc + ("id",)))
-    if stage_id == "source" or not stage_id.replace("_", "").replace("-", "").isalnum():
-        raise ConfigError(f"stage id '{stage_id}' must be letters, digits, '_' or '-' (and not 'source')",
-                          where=_locate(lines, filename, loc + ("id",)))
+    if stage_id == "source" or not stage_id.replace("_", "").replace("-", "").isalnum() or len(stage_id) > MAX_ID_CHARS:
+        shown = repr(stage_id)[1:-1] if len(stage_id) <= MAX_ID_CHARS else f"{stage_id[:20]}…"
+        raise ConfigError(f"stage id '{shown}' must be at most {MAX_ID_CHARS} letters, digits, '_' or '-' "
+                          "(and not 'source'): it names folders of the run", where=_locate(lines, filename, loc + ("id",)))
     taken.add(stage_id)
     return BoundStage(
         id=stage_id,

@@ -67,6 +67,8 @@ def _chunk_ids(chunk: Chunk, positions: np.ndarray) -> tuple[pa.Table, bool]:
     ids = table.column("id")
     if ids.null_count:
         raise InputError("'id' is null", where=chunk.where(positions[pc.index(pc.is_null(ids), True).as_py()]))
+    if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type) or pa.types.is_integer(ids.type)):
+        raise InputError(f"'id' must be a string or an integer, found {ids.type}", where=chunk.where(positions[0]))
     if not pa.types.is_string(ids.type):
         ids = pc.cast(ids, pa.string())
     table = table.remove_column(table.schema.get_field_index("id"))

@@ -18,8 +18,9 @@ import pyarrow as pa
 
 from curate.config import BoundStage, Pipeline
 from curate.contract import REASON
-from curate.errors import SchemaError
+from curate.errors import ConfigError, SchemaError
 from curate.keys import chain_key
+from curate.redaction import redact
 
 
 @dataclass
@@ -111,7 +112,7 @@ class Plan:
             "name": self.pipeline.spec.name,
             "pipeline": self.pipeline.path,
             "seed": self.pipeline.spec.seed,
-            "overrides": self.pipeline.overrides,
+            "overrides": [redact(item) for item in self.pipeline.overrides],  # a --set base_url=… keeps no credentials
             "source": {
                 "spec": self.pipeline.spec.source.model_dump(mode="json", exclude_none=True),
                 "key": self.source.key,
@@ -208,7 +209,12 @@ def plan_stage(bound: BoundStage, schema: pa.Schema, parent_key: str) -> Planned
     except SchemaError as exc:
         raise SchemaError(f"stage '{bound.id}' ({bound.stage.name}) {exc.message}", where=bound.where or exc.where) from None
     output_schema = _renamed(out, rename_out(bound), where)
-    material = {"stage": bound.stage.key_material(), "inputs": bound.inputs, "outputs": bound.outputs}
+    try:
+        material = {"stage": bound.stage.key_material(), "inputs": bound.inputs, "outputs": bound.outputs}
+    except ConfigError as exc:  # e.g. an unknown model reference: name the stage's YAML line too
+        if bound.where and bound.where not in (exc.where or ""):
+            exc.where = f"{bound.where}: {exc.where}" if exc.where else bound.where
+        raise
     return PlannedStage(bound, chain_key(parent_key, material), schema, output_schema)
 
 

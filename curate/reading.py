@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
@@ -38,6 +39,7 @@ from curate.sources import (
 BLOCK_BYTES = 8 << 20  # JSONL bytes parsed at a time
 BATCH_ROWS = 65_536  # rows per Parquet / Arrow read batch
 PREVIEW_ROWS = 1_000  # rows `plan` and `validate` read to learn the columns
+MAX_DEPTH = 64  # levels of nested lists / structs a column may have
 
 
 @dataclass
@@ -83,15 +85,18 @@ def source_key(spec: SourceSpec, base_dir: str) -> str:
         _, _, fingerprint = _read_dataset(spec, path)  # memory-mapped: opening reads no rows
     else:
         fingerprint = files_fingerprint(path)
-    how = spec.model_dump(mode="json", exclude={"path", "hub"})
+    how = spec.model_dump(mode="json", exclude={"path", "hub", "max_cell_bytes", "max_list_items"})  # limits change no row
     return chain_key("", {"source": how, "content": fingerprint})
 
 
 # Reading in chunks -----------------------------------------------------------------------------
 
 
-def _jsonl_blocks(fs: Any, name: str) -> Iterator[tuple[bytes, int]]:
-    """Blocks of whole lines of a JSONL(.gz) file, with the 1-based line number of each block's first line."""
+def _jsonl_blocks(fs: Any, name: str, max_line_bytes: int | None = None) -> Iterator[tuple[bytes, int]]:
+    """Blocks of whole lines of a JSONL(.gz) file, with the 1-based line number of each block's first line.
+
+    A line still open past `max_line_bytes` is an InputError before it is held whole (no 2 GB line in memory).
+    """
     opened = fs.open(name, "rb")
     try:
         stream = gzip.GzipFile(fileobj=opened) if name.endswith(".gz") else opened
@@ -107,10 +112,13 @@ def _jsonl_blocks(fs: Any, name: str) -> Iterator[tuple[bytes, int]]:
             cut = data.rfind(b"\n") + 1
             if cut == 0:
                 rest = data
-                continue
-            block, rest = data[:cut], data[cut:]
-            yield block, line
-            line += block.count(b"\n")
+            else:
+                block, rest = data[:cut], data[cut:]
+                yield block, line
+                line += block.count(b"\n")
+            if max_line_bytes is not None and len(rest) > max_line_bytes:  # `rest` is the start of line `line`
+                raise InputError(f"line is longer than {max_line_bytes} bytes (4 x source.max_cell_bytes); "
+                                 "raise max_cell_bytes if it is meant", where=f"{name}:{line}")
         if rest.strip():
             yield rest, line
     finally:
@@ -129,10 +137,12 @@ def _parse_block(block: bytes, name: str, first_line: int) -> pa.Table:
         except InputError as exc:  # renumber the block's line into the file's
             line = int(exc.where.rsplit(":", 1)[1]) + first_line - 1
             raise InputError(exc.message, where=f"{name}:{line}") from None
-        try:
-            return pa.Table.from_pylist(rows)
+        try:  # the columns of every row: from_pylist would keep only the keys of the first one
+            return pa.Table.from_struct_array(pa.array(rows)) if rows else pa.table({})
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise InputError(f"rows do not share one type per column: {exc}", where=f"{name}:{first_line}") from None
+        except OverflowError:
+            raise InputError("a number does not fit in 64 bits", where=f"{name}:{first_line}") from None
 
 
 def _first_lines(block: bytes, lines: int) -> bytes:
@@ -165,7 +175,7 @@ def _file_chunks(spec: SourceSpec, path: str, preview: bool = False) -> Iterator
                 raise InputError(f"not a readable Parquet file: {exc}", where=name) from None
             continue
         empty = True
-        for block, line in _jsonl_blocks(fs, name):
+        for block, line in _jsonl_blocks(fs, name, 4 * spec.max_cell_bytes):
             if block.strip():
                 empty = False
                 if preview:  # only the first lines are parsed: a bad line further down is the run's to report
@@ -180,6 +190,12 @@ def raw_chunks(spec: SourceSpec, base_dir: str, preview: bool = False) -> Iterat
 
     Example: next(raw_chunks(spec, ".")).table
     """
+    for chunk in _unchecked_chunks(spec, base_dir, preview):
+        check_cell_sizes(chunk, spec.max_cell_bytes, spec.max_list_items)
+        yield chunk
+
+
+def _unchecked_chunks(spec: SourceSpec, base_dir: str, preview: bool) -> Iterator[Chunk]:
     path = _local_path(spec, base_dir)
     if _is_dataset(spec, path):
         table, origins, _ = _read_dataset(spec, path)
@@ -189,6 +205,66 @@ def raw_chunks(spec: SourceSpec, base_dir: str, preview: bool = False) -> Iterat
             row += batch.num_rows
         return
     yield from _file_chunks(spec, path, preview)
+
+
+# Size limits of one cell -------------------------------------------------------------------------
+
+
+def check_cell_sizes(chunk: Chunk, max_bytes: int, max_items: int) -> None:
+    """InputError naming file:line (or row) and column of the first cell past a size limit.
+
+    Strings and binaries are measured in bytes, lists in items, at every depth (a list of
+    structs of lists is walked through). Example: check_cell_sizes(chunk, 64 << 20, 100_000)
+    """
+    for name in chunk.table.column_names:
+        if _depth(chunk.table.schema.field(name).type) > MAX_DEPTH:
+            raise InputError(f"column '{name}' is nested more than {MAX_DEPTH} levels deep", where=chunk.where(chunk.start))
+        offset = 0
+        for array in chunk.table.column(name).chunks:
+            found = _first_oversized(array, np.arange(offset, offset + len(array)), max_bytes, max_items)
+            if found is not None:
+                row, what = found
+                raise InputError(f"column '{name}' holds {what}", where=chunk.where(chunk.start + int(row)))
+            offset += len(array)
+
+
+def _depth(kind: pa.DataType, limit: int = MAX_DEPTH + 1) -> int:
+    """Levels of nesting of a type, counted up to `limit` (0 for a flat one). Example: _depth(pa.list_(pa.int8())) -> 1"""
+    level, layer = 0, [kind]
+    while level < limit:
+        layer = [t.field(i).type for t in layer for i in range(t.num_fields)]
+        if not layer:
+            return level
+        level += 1
+    return level
+
+
+def _first_oversized(array: pa.Array, rows: np.ndarray, max_bytes: int, max_items: int) -> tuple[int, str] | None:
+    """(row, description) of the first value of `array` past a limit; `rows[i]` is the row of value i."""
+    kind = array.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) \
+            or pa.types.is_large_binary(kind):
+        return _first_over(pc.binary_length(array), rows, max_bytes, "a string of {} bytes (source.max_cell_bytes is {})")
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        found = _first_over(pc.list_value_length(array), rows, max_items, "a list of {} items (source.max_list_items is {})")
+        if found is not None:
+            return found
+        parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
+        return _first_oversized(array.flatten(), rows[parents], max_bytes, max_items)
+    if pa.types.is_struct(kind):
+        for i in range(kind.num_fields):
+            found = _first_oversized(array.field(i), rows, max_bytes, max_items)
+            if found is not None:
+                return found
+    return None
+
+
+def _first_over(lengths: pa.Array, rows: np.ndarray, limit: int, message: str) -> tuple[int, str] | None:
+    over = pc.fill_null(pc.greater(lengths, limit), False)
+    if not pc.any(over).as_py():
+        return None
+    i = pc.index(over, True).as_py()
+    return int(rows[i]), message.format(lengths[i].as_py(), limit)
 
 
 def _count_rows(spec: SourceSpec, base_dir: str) -> int:
@@ -251,6 +327,8 @@ def _parse_lines_strictly(raw: bytes, name: str) -> list[dict]:
             row = json.loads(text)
         except json.JSONDecodeError as exc:
             raise InputError(f"line is not valid JSON: {exc.msg}", where=f"{name}:{number}") from None
+        except RecursionError:
+            raise InputError("line is nested too deeply", where=f"{name}:{number}") from None
         if not isinstance(row, dict):
             raise InputError(f"line is a JSON {type(row).__name__}, expected an object", where=f"{name}:{number}")
         rows.append(row)

@@ -36,6 +36,7 @@ from curate.ingest import SOURCE_ID, ingest_source, preview_source, read_source_
 from curate.plan import Plan, Segment, SourceInfo, build_plan, rename_in
 from curate.progress import live_bars, segment_progress
 from curate.publish import clean_stale, publish
+from curate.redaction import redact
 from curate.record import PIPELINE_FILE, PLAN_FILE, STATS_FILE
 from curate.stats import RunLog, collect_stats
 from curate.store import Store, write_text_atomic
@@ -209,7 +210,7 @@ def _run_locked(pipeline: Pipeline, out_dir: str, refresh: list[str] | None, sta
         _refresh(make_plan(pipeline, store), store, refresh)
     plan = build_plan(pipeline, _ingest(pipeline, store, run_log))
     write_text_atomic(json.dumps(plan.to_json(), indent=2), os.path.join(out_dir, PLAN_FILE))
-    write_text_atomic(pipeline.text, os.path.join(out_dir, PIPELINE_FILE))
+    write_text_atomic(redact(pipeline.text), os.path.join(out_dir, PIPELINE_FILE))  # no URL credentials or tokens
     executor.prepare(plan.stages, store.root)
     try:
         with live_bars():  # progress bars on a terminal (curate.progress)

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from curate.contract import MESSAGE, MESSAGES, RESPONSE, RESPONSES, with_reason
 from curate.errors import InputError
@@ -65,6 +65,28 @@ class SourceSpec(BaseModel):
     limit: int | None = Field(None, ge=1, description="keep only the first N source rows")
     sample: SampleSpec | None = Field(None, description="seeded random sample of source rows")
     part_rows: int = Field(10_000, ge=1, description="rows per part; decides the partition layout")
+    max_cell_bytes: int = Field(64 << 20, ge=1, description="longest string (bytes) a cell may hold; a JSONL line "
+                                "longer than 4x this is refused before it is parsed")
+    max_list_items: int = Field(100_000, ge=1, description="most items a list cell (or a list inside one) may hold")
+
+    @field_validator("path")
+    @classmethod
+    def _remember_url_secrets(cls, path: str | None) -> str | None:
+        """Credentials in an fsspec URL (`https://user:pw@host/x.jsonl`) become secrets (curate.redaction)."""
+        if path is not None and "://" in path:
+            from curate.redaction import redact_url
+
+            redact_url(path)
+        return path
+
+    @field_serializer("path")
+    def _path_redacted(self, path: str | None) -> str | None:
+        """plan.json and the card get a URL without its credentials."""
+        if path is None or "://" not in path:
+            return path
+        from curate.redaction import redact_url
+
+        return redact_url(path)
 
     @model_validator(mode="after")
     def _one_location(self) -> "SourceSpec":
@@ -268,6 +290,7 @@ def _as_messages(column: pa.ChunkedArray, name: str, where: Any) -> pa.Array:
         fields = {f.name for f in array.type.value_type}
         if {"role", "content"} <= fields:
             flat = array.flatten()
+            _check_turns(array, flat, name, where)
             turns = pa.StructArray.from_arrays(
                 [pc.cast(flat.field("role"), pa.string()), pc.cast(flat.field("content"), pa.string())],
                 fields=list(MESSAGE),
@@ -275,6 +298,29 @@ def _as_messages(column: pa.ChunkedArray, name: str, where: Any) -> pa.Array:
             offsets = pc.subtract(array.offsets, array.offsets[0])
             return pa.ListArray.from_arrays(offsets, turns, type=MESSAGES)
     raise InputError(f"'{name}' must be a string or a list of {{role, content}} messages, found {array.type}")
+
+
+def _check_turns(array: pa.ListArray, flat: pa.StructArray, name: str, where: Any) -> None:
+    """InputError at the first row whose messages break the contract: none at all, a role TRL does
+    not know, a null or non-text role or content (a number where text is expected is not cast)."""
+    lengths = pc.fill_null(pc.list_value_length(array), 0)
+    if len(array) and pc.min(lengths).as_py() == 0:
+        raise InputError(f"'{name}' has no messages", where=where(pc.index(lengths, 0).as_py()))
+    parents = pc.list_parent_indices(array)
+    for part in ("role", "content"):
+        values = flat.field(part)
+        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            raise InputError(f"'{name}' message {part}s must be text, found {values.type}", where=where(parents[0].as_py()))
+        if values.null_count:
+            raise InputError(f"'{name}' has a message without {part}",
+                             where=where(parents[pc.index(values.is_null(), True).as_py()].as_py()))
+    from curate.trl_check import PROMPT_ROLES  # the roles TRL's conversational form accepts
+
+    unknown = pc.invert(pc.is_in(flat.field("role"), pa.array(PROMPT_ROLES)))
+    if pc.any(unknown).as_py():
+        i = pc.index(unknown, True).as_py()
+        raise InputError(f"'{name}' has a message with role {flat.field('role')[i].as_py()!r} (roles: {', '.join(PROMPT_ROLES)})",
+                         where=where(parents[i].as_py()))
 
 
 def _as_reply(column: pa.ChunkedArray, name: str, where: Any) -> pa.Array:
@@ -303,6 +349,9 @@ def _as_responses(column: pa.ChunkedArray, where: Any) -> pa.Array:
         children = {"text": texts}
     elif pa.types.is_struct(flat.type) and "text" in {f.name for f in flat.type}:
         children = {f.name: flat.field(f.name) for f in flat.type}
+        text_type = children["text"].type
+        if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_null(text_type)):
+            raise InputError(f"'responses' texts must be text, found {text_type}")
     else:
         raise InputError(f"'responses' must hold strings or {{text, ...}} structs, found {array.type}")
     arrays = [

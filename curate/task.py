@@ -59,7 +59,7 @@ class StageTask:
     def of(cls, planned: PlannedStage) -> "StageTask":
         """Example: StageTask.of(plan.stage("judge"))"""
         bound = planned.bound
-        return cls(planned.id, bound.stage.name, bound.stage.params.model_dump(mode="json"), bound.stage.seed,
+        return cls(planned.id, bound.stage.name, bound.stage.params.model_dump(mode="json", context={"secrets": True}), bound.stage.seed,
                    dict(bound.inputs), dict(bound.outputs), planned.key, planned.kind,
                    _schema_bytes(planned.input_schema), _schema_bytes(planned.output_schema), bound.where)
 

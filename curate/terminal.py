@@ -24,6 +24,8 @@ import os
 import sys
 from typing import Any
 
+from curate.redaction import SecretFilter
+
 # Loggers of the engines and libraries a run drives: WARNING unless --debug.
 LIBRARIES = ("vllm", "torch", "transformers", "datasets", "distributed", "httpx", "httpx2", "huggingface_hub",
              "sentence_transformers", "urllib3", "filelock", "asyncio")
@@ -119,6 +121,7 @@ def configure(debug: bool = False, quiet: bool = False) -> None:
     _console = _live_console() if level == logging.INFO else None
     handler: logging.Handler = _ConsoleHandler(_console) if _console is not None else logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Format(debug))
+    handler.addFilter(SecretFilter())  # tokens and URL credentials never reach the terminal (curate.redaction)
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.captureWarnings(True)  # Python warnings of libraries become log records: one format, filtered
     for name in LIBRARIES:

@@ -52,9 +52,10 @@ def load_template(name_or_path: str, required: tuple[str, ...] = ()) -> Template
     try:
         with open(path, encoding="utf-8") as f:
             template = Template(name_or_path, f.read())
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError, ValueError, OSError) as exc:  # ValueError: a NUL in the name
         builtin = sorted(n[:-4] for n in os.listdir(BUILTIN_DIR) if n.endswith(".txt"))
-        raise ConfigError(f"no such template (built-in: {', '.join(builtin)})", where=name_or_path) from None
+        why = "no such template" if isinstance(exc, FileNotFoundError) else f"cannot read the template ({type(exc).__name__})"
+        raise ConfigError(f"{why} (built-in: {', '.join(builtin)})", where=repr(name_or_path)[1:-1]) from None
     try:
         missing = [f for f in required if f not in template.fields]
     except ValueError as exc:

@@ -48,7 +48,7 @@ class HFBackend:
     """A transformers causal LM loaded once. Example: HFBackend("smollm2-135m-instruct").logprobs(items)"""
 
     def __init__(self, model: str, dtype: str = "float32", device: str | None = None, batch_tokens: int = 8192,
-                 max_rows: int = 64, padding_side: Literal["left", "right"] = "right"):
+                 max_rows: int = 64, padding_side: Literal["left", "right"] = "right", trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,8 +58,12 @@ class HFBackend:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                        "float64": torch.float64, "auto": "auto"}[dtype]
-        self.tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-        self.model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch_dtype).to(self.device).eval()
+        if trust_remote_code:
+            log.warning("%s: trust_remote_code is on (set in the pipeline): the model folder's own Python code runs",
+                        resolved.name)
+        self.tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch_dtype,
+                                                          trust_remote_code=trust_remote_code).to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.batch_tokens = batch_tokens
         self.max_rows = max_rows

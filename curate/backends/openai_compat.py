@@ -21,6 +21,7 @@ import random
 import threading
 import time
 from typing import Any, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 from curate.backends.base import ChatRequest, Completion
 
@@ -54,9 +55,12 @@ class OpenAIBackend:
     def __init__(self, model: str, base_url: str = "http://127.0.0.1:8000/v1", api_key_env: str | None = "OPENAI_API_KEY",
                  max_concurrency: int = 16, timeout: float = 60.0, max_retries: int = 5, backoff: float = 0.5,
                  max_backoff: float = 30.0):
+        from curate.redaction import redact_url
+
         self.name = model
-        self.identity = f"{model}@{base_url}"
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.identity = f"{model}@{redact_url(base_url)}"  # credentials in the URL never reach keys, logs or errors
+        parts = urlsplit(base_url)  # a query (`?api-version=`, `?key=`) stays after the path
+        self.url = urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/chat/completions"))
         key = os.environ.get(api_key_env) if api_key_env else None
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.max_concurrency = max_concurrency
@@ -112,6 +116,8 @@ class OpenAIBackend:
                         data = response.json()
                         choice = data["choices"][0]
                         usage = data.get("usage") or {}
+                        if not isinstance(choice["message"]["content"], str):  # never a silent null response
+                            raise TypeError(f"the message content is {type(choice['message']['content']).__name__}, not text")
                         return Completion(choice["message"]["content"], choice.get("finish_reason"),
                                           int(usage.get("completion_tokens", 0)), int(usage.get("prompt_tokens", 0)),
                                           self.name)
@@ -127,9 +133,11 @@ class OpenAIBackend:
                     error = f"malformed response: {type(exc).__name__}: {exc}"
             if attempt < self.max_retries:
                 delay = self._delay(attempt, retry_after)
-                log.debug("retrying in %.2fs after %s", delay, error)
+                log.debug("retrying in %.2fs after %s", delay, error)  # the CLI's log handler redacts secrets
                 await asyncio.sleep(delay)
-        return Completion(None, None, 0, 0, self.name, f"after {self.max_retries + 1} attempts: {error}")
+        from curate.redaction import redact
+
+        return Completion(None, None, 0, 0, self.name, redact(f"after {self.max_retries + 1} attempts: {error}"))
 
     async def _all(self, requests: list[ChatRequest], on_done: OnDone | None) -> list[list[Completion]]:
         import httpx

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializationInfo, field_serializer, field_validator, model_validator
 
 from curate.backends.base import GenerationParams, open_backend, release_backend
 from curate.contract import Params
@@ -68,6 +68,28 @@ class ModelParams(Params):
     max_retries: int = Field(5, ge=0, json_schema_extra=EXECUTION, description="openai backend: retries per request")
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, json_schema_extra=EXECUTION,
                                                  description="vllm on CUDA: share of GPU memory per engine")
+    trust_remote_code: bool = Field(False, json_schema_extra=EXECUTION,
+                                    description="vllm / transformers: run the Python code a model folder ships "
+                                                "(off unless set here; logged when on)")
+
+    @field_validator("base_url")
+    @classmethod
+    def _remember_url_secrets(cls, url: str | None) -> str | None:
+        """Register the URL's credentials as secrets as soon as a pipeline names them (curate.redaction)."""
+        if url is not None:
+            from curate.redaction import redact_url
+
+            redact_url(url)
+        return url
+
+    @field_serializer("base_url")
+    def _base_url_redacted(self, url: str | None, info: SerializationInfo) -> str | None:
+        """Written redacted (plan.json, the card, keys) unless dumped with context {"secrets": True} for a task."""
+        if url is None or (info.context or {}).get("secrets"):
+            return url
+        from curate.redaction import redact_url
+
+        return redact_url(url)
 
     @model_validator(mode="before")
     @classmethod
@@ -147,12 +169,16 @@ def backend_options(params: ModelParams, seed: int) -> dict[str, Any]:
         options: dict[str, Any] = {"dtype": params.dtype, "max_model_len": params.max_model_len, "seed": seed}
         if params.gpu_memory_utilization is not None:
             options["gpu_memory_utilization"] = params.gpu_memory_utilization
+        if params.trust_remote_code:
+            options["trust_remote_code"] = True
         return options
     if params.backend == "transformers":
         options = {"dtype": "float32" if params.dtype == "auto" else params.dtype}
         batch_tokens = getattr(params, "batch_tokens", None)  # scoring stages size forward batches by tokens
         if batch_tokens is not None:
             options["batch_tokens"] = batch_tokens
+        if params.trust_remote_code:
+            options["trust_remote_code"] = True
         return options
     return {"base_url": params.base_url, "max_concurrency": params.max_concurrency, "timeout": params.timeout,
             "max_retries": params.max_retries}

@@ -112,6 +112,7 @@ class VLLMBackend:
         enforce_eager: bool | None = None,
         gpu_memory_utilization: float | None = None,
         tensor_parallel_size: int = 1,
+        trust_remote_code: bool = False,
     ):
         resolved = resolve_model(model)
         self.name = resolved.name
@@ -131,7 +132,11 @@ class VLLMBackend:
             "enforce_eager": (not cuda) if enforce_eager is None else enforce_eager,
             "tensor_parallel_size": tensor_parallel_size,
             "use_tqdm_on_load": False,  # curate's progress display says what is loading
+            "trust_remote_code": trust_remote_code,
         }
+        if trust_remote_code:
+            log.warning("%s: trust_remote_code is on (set in the pipeline): the model folder's own Python code runs",
+                        resolved.name)
         if not cuda:
             options["enable_chunked_prefill"] = False  # see the module docstring
         if max_model_len is not None:
