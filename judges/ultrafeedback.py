@@ -240,7 +240,7 @@ class UltraFeedbackJudge(Stage):
         p = self.params
         regex = listwise_regex(len(texts), p.generation.max_tokens) if p.constrained and p.backend == "vllm" else None
         shared = {"prompt": conversation_text(messages), "count": str(len(texts)), "texts": numbered_texts(texts)}
-        return [judge_request(self.template, p.generation, row_seed(row_id, f"{self.name}:{aspect}", self.seed), regex,
+        return [judge_request(self.template, p.generation, row_seed(row_id, f"{self.stage_id}:{aspect}", self.seed), regex,
                               aspect=self.rubrics[aspect]["title"], rubric=self.rubrics[aspect]["rubric"], **shared)
                 for aspect in p.aspects]
 
@@ -252,7 +252,7 @@ class UltraFeedbackJudge(Stage):
         orders, requests = [], []
         for row_id, messages, cands in zip(ids, prompts, candidates):
             shown = [i for i, c in enumerate(cands) if c is not None and c["text"] is not None]
-            order = presentation_order(shown, row_id, f"{self.name}:order", self.seed)
+            order = presentation_order(shown, row_id, f"{self.stage_id}:order", self.seed)
             orders.append(order)
             if order:
                 requests += self.requests(row_id, messages, [cands[i]["text"] for i in order])
