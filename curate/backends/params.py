@@ -165,11 +165,12 @@ def backend_options(params: ModelParams, seed: int) -> dict[str, Any]:
 
     Example: backend_options(ModelParams(), 0) -> {'dtype': 'auto', 'max_model_len': 4096, 'seed': 0}
     """
+    remote_code = getattr(params, "trust_remote_code", False)  # stages without the field never run a model's code
     if params.backend == "vllm":
         options: dict[str, Any] = {"dtype": params.dtype, "max_model_len": params.max_model_len, "seed": seed}
-        if params.gpu_memory_utilization is not None:
+        if getattr(params, "gpu_memory_utilization", None) is not None:
             options["gpu_memory_utilization"] = params.gpu_memory_utilization
-        if params.trust_remote_code:
+        if remote_code:
             options["trust_remote_code"] = True
         return options
     if params.backend == "transformers":
@@ -177,7 +178,7 @@ def backend_options(params: ModelParams, seed: int) -> dict[str, Any]:
         batch_tokens = getattr(params, "batch_tokens", None)  # scoring stages size forward batches by tokens
         if batch_tokens is not None:
             options["batch_tokens"] = batch_tokens
-        if params.trust_remote_code:
+        if remote_code:
             options["trust_remote_code"] = True
         return options
     return {"base_url": params.base_url, "max_concurrency": params.max_concurrency, "timeout": params.timeout,
