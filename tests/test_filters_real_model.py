@@ -190,7 +190,8 @@ def _spa_rows():
 
 
 def test_spa_and_em_on_smollm2_reference_free_match_a_hand_computation(tmp_path, smollm2, caplog):
-    from curate.filters.noise import flip_posterior, spa_threshold
+    from curate.filters.noise import flip_posterior
+    from curate.filters.spa import spa_threshold
 
     beta = 0.1
     with caplog.at_level(logging.WARNING):
