@@ -4,7 +4,8 @@ Every public function takes a `pyarrow.Table` (or a polars / pandas DataFrame or
 `datasets.Dataset`, returned as the same type) and is imported on first use, so
 `import curate.filters` stays cheap. Modules: `ches` (METHODS §5), `spa` (SPA margins and
 threshold, §6A), `noise` (EM label confidence, §6B), `margins` (their shared numerics),
-`spa_rewards` (SPA's per-candidate implicit rewards, §6A), `donod` (§7), `near_dup`, `dedup`, `text`.
+`spa_rewards` (SPA's per-candidate implicit rewards, §6A), `donod` (§7) with its TOPSIS ranking in
+`topsis_rank`, `near_dup`, `dedup`, `text`.
 
 Example: from curate.filters import ches_scores, ches_select, donod_select
 """
@@ -28,8 +29,8 @@ _EXPORTS = {
     **dict.fromkeys(["implicit_rewards", "candidate_rewards"], "spa_rewards"),  # SPA's annotation half, §6A
     # DONOD and TOPSIS, §7
     **dict.fromkeys(["donod_scores", "donod_select", "donod_fit", "donod_mark", "donod_closed_form",
-                     "donod_closed_form_batch", "donod_autograd", "topsis", "topsis_fit", "topsis_closeness",
-                     "TopsisFit", "DonodScore", "DonodFilter"], "donod"),
+                     "donod_closed_form_batch", "donod_autograd", "DonodScore", "DonodFilter"], "donod"),
+    **dict.fromkeys(["topsis", "topsis_fit", "topsis_closeness", "TopsisFit"], "topsis_rank"),
     **dict.fromkeys(["near_duplicates", "prompt_duplicates", "pair_similarity", "greedy_duplicates", "embed",
                      "load_embedder", "NearDup"], "near_dup"),
     **dict.fromkeys(["dedup_keys", "first_ids", "ExactDedup"], "dedup"),
@@ -43,9 +44,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     from curate.filters.ches import (ChesFilter, ChesScore, ches_cut, ches_from_full, ches_from_hidden, ches_from_sums,
                                      ches_keep_mask, ches_scores, ches_select)
     from curate.filters.dedup import ExactDedup, dedup_keys, first_ids
-    from curate.filters.donod import (DonodFilter, DonodScore, TopsisFit, donod_autograd, donod_closed_form,
-                                      donod_closed_form_batch, donod_fit, donod_mark, donod_scores, donod_select, topsis,
-                                      topsis_closeness, topsis_fit)
+    from curate.filters.donod import (DonodFilter, DonodScore, donod_autograd, donod_closed_form, donod_closed_form_batch,
+                                      donod_fit, donod_mark, donod_scores, donod_select)
     from curate.filters.near_dup import (NearDup, embed, greedy_duplicates, load_embedder, near_duplicates,
                                          pair_similarity, prompt_duplicates)
     from curate.filters.margins import dpo_loss
@@ -55,3 +55,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     from curate.pairing import swap_pairs
     from curate.filters.spa_rewards import candidate_rewards, implicit_rewards
     from curate.filters.text import LengthFilter, NonEmptyFilter, RangeFilter
+    from curate.filters.topsis_rank import TopsisFit, topsis, topsis_closeness, topsis_fit
