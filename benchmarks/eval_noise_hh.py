@@ -35,7 +35,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.filters.noise import implicit_margins, pref_conf, spa_filter, swap_pairs
+from curate.filters.noise import pref_conf
+from curate.filters.spa import implicit_margins, spa_filter
+from curate.pairing import swap_pairs
 from curate.sources import SourceSpec, ingest
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 
 def lazy_attributes(package: str, exports: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """`__getattr__` and `__dir__` for `package`: name -> submodule it lives in (relative to the package).
+    """`__getattr__` and `__dir__` for `package`: name -> submodule it lives in (relative to the package,
+    or an absolute `curate.` module path for a name re-exported from outside it).
 
     A resolved name is stored on the package, so each is imported once.
     Example: lazy_attributes("curate.filters", {"ches_scores": "ches"})[0]("ches_scores")
@@ -24,7 +25,8 @@ def lazy_attributes(package: str, exports: dict[str, str]) -> tuple[Callable[[st
         module = exports.get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"{package}.{module}"), name)
+        path = module if module.startswith("curate.") else f"{package}.{module}"
+        value = getattr(importlib.import_module(path), name)
         setattr(sys.modules[package], name, value)
         return value
 

@@ -15,7 +15,9 @@ Modes (METHODS.md §1A, §2, §8.3, §8.5):
 
 Explicit drop reasons: `fewer_than_2_scores` (missing or NaN scores and null texts do not count),
 `tie` (all valid scores equal, or a pair with zero margin), `identical_texts`,
-`scores_length_mismatch`. Leaves out: scoring itself (judges write the score lists).
+`scores_length_mismatch`. Also `swap_pairs`: chosen and rejected swapped on flagged rows with every
+`*chosen*` / `*rejected*` column, as judges (relabel) and `filters.noise_em` (flip) need. Leaves out:
+scoring itself (judges write the score lists).
 
 Example: - stage: pairs.from_scores
            params: {scores: sr_scores, mode: best_worst}
@@ -30,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from curate.contract import RESPONSES, Params, Stage, StageOutput, require, with_fields, with_reason
+from curate.contract import RESPONSES, Params, Stage, StageOutput, put_columns, require, with_fields, with_reason
 from curate.errors import SchemaError
 from curate.keys import row_seed
 from curate.registry import register
@@ -177,3 +179,35 @@ class PairFromScores(Stage):
         built = {name: pa.array(values, PAIR_FIELDS[name]) for name, values in zip(PAIR_FIELDS, columns)}
         source = table.take(pa.array(take, pa.int64()))
         return pa.table([built[n] if n in built else source.column(n) for n in schema.names], schema=schema)
+
+
+# Swapping chosen and rejected (judges' relabel, EM's flip) -------------------------------------------
+
+SIGNED_COLUMNS = ("margin", "spa_margin", "cdr_margin")  # negated when a pair is flipped (chosen − rejected differences)
+
+
+def swap_pairs(table: pa.Table, flip: pa.BooleanArray) -> pa.Table:
+    """Swap chosen and rejected on the rows where `flip` is true, keeping every column consistent.
+
+    Swaps every column pair whose names differ only by `chosen` / `rejected` (`chosen` itself,
+    `chosen_score`, `spa_lp_policy_chosen`, ...), negates the signed differences `margin` and
+    `spa_margin`, and complements `spa_conf`. Example: swap_pairs(t, [True, False])
+    """
+    names = table.column_names
+    flip = pc.fill_null(flip, False)
+    columns: dict[str, pa.Array] = {}
+    for name in names:
+        partner = name.replace("chosen", "rejected")
+        if "chosen" in name and partner in names:
+            a, b = table.column(name), table.column(partner)
+            if not a.type.equals(b.type):
+                raise ValueError(f"cannot swap '{name}' ({a.type}) with '{partner}' ({b.type})")
+            columns[name] = pc.if_else(flip, b, a)
+            columns[partner] = pc.if_else(flip, a, b)
+    for name in SIGNED_COLUMNS:
+        if name in names:
+            columns[name] = pc.if_else(flip, pc.negate(table.column(name)), table.column(name))
+    if "spa_conf" in names:
+        col = table.column("spa_conf")
+        columns["spa_conf"] = pc.if_else(flip, pc.subtract(pa.scalar(1.0, col.type), col), col)
+    return put_columns(table, columns)

@@ -24,6 +24,7 @@ BUILTIN_MODULES = (
     "curate.filters.text",
     "curate.filters.dedup",
     "curate.filters.noise",
+    "curate.filters.spa",
     "curate.filters.ches",
     "curate.filters.near_dup",
     "curate.filters.donod",

@@ -13,7 +13,8 @@ import polars as pl
 from curate.filters.ches import ches_scores, ches_select
 from curate.filters.donod import donod_scores, donod_select
 from curate.filters.near_dup import near_duplicates
-from curate.filters.noise import implicit_margins, noise_filter, pref_conf, spa_filter
+from curate.filters.noise import noise_filter, pref_conf
+from curate.filters.spa import implicit_margins, spa_filter
 from curate.sources import SourceSpec, ingest
 
 HH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf-harmless-test", "test.jsonl.gz")

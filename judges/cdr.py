@@ -53,9 +53,9 @@ from curate.backends.params import LoadedModels, ModelParams, identities, logpro
 from curate.backends.scoring import as_messages, response_tokens, sequence_logprobs
 from curate.contract import RESPONSES, Stage, StageOutput, put_columns, require, with_fields, with_reason
 from curate.errors import ConfigError, SchemaError
-from curate.filters.noise import swap_pairs
 from curate.judges.templates import BUILTIN_DIR, conversation_text, load_template, read_yaml
 from curate.keys import canonical_json, digest, row_seed
+from curate.pairing import swap_pairs
 from curate.registry import register
 
 DOMAINS = ("SAFETY", "REASONING", "CHAT")

@@ -35,11 +35,11 @@ from curate.backends.base import ChatRequest, GenerationParams
 from curate.backends.params import LoadedModels, ModelParams, constrains, identities, run_batched
 from curate.contract import MESSAGES, Stage, StageOutput, put_columns, require, with_fields, with_reason
 from curate.errors import ConfigError
-from curate.filters.noise import swap_pairs
 from curate.judges.icai import numbered
 from curate.judges.icai_stages import STRINGS, counters_of
 from curate.judges.templates import conversation_text, load_template
 from curate.keys import canonical_json, digest, row_coin, row_seed
+from curate.pairing import swap_pairs
 from curate.registry import register
 
 CHOICE = re.compile(r"(?<![a-z])\(?([ab])\)?(?![a-z])", re.IGNORECASE)

@@ -34,9 +34,9 @@ from pydantic import Field
 from curate.backends.base import ChatRequest, GenerationParams
 from curate.backends.params import LoadedModels, ModelParams, constrains, identities, run_batched
 from curate.contract import MESSAGES, Stage, StageOutput, put_columns, require, with_fields, with_reason
-from curate.filters.noise import swap_pairs
 from curate.judges.templates import conversation_text, load_template
 from curate.keys import row_seed
+from curate.pairing import swap_pairs
 from curate.registry import register
 
 SCORE_LINE = re.compile(r"Score of the Assistant ([12]):\s*([0-9]+(?:\.[0-9]+)?)", re.IGNORECASE)

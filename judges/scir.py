@@ -1,7 +1,7 @@
 """The stage `judges.scir`: keep pairs on which the generative judge and the implicit DPO reward agree (METHODS.md §1B).
 
 - `p_imp = σ(β·(r(x,a) − r(x,b)))` with `r = LP(policy) − LP(reference)` (METHODS §0), computed by
-  `curate.filters.noise.score_pairs` (the SPA margin, one place for implicit rewards). The
+  `curate.filters.spa.score_pairs` (the SPA margin, one place for implicit rewards). The
   `reference` must be given: a model, or `none` written out, which runs with `r = LP(policy)`,
   the policy's own likelihood margin (not an implicit DPO reward, not length-neutral): the stage
   then logs a warning, writes `scir_ref_model = 'none'` and counts `reference_free_rows`.
@@ -36,8 +36,9 @@ from curate.backends.base import ScoreItem
 from curate.backends.params import REFERENCE_FREE, ImplicitRewardParams, LoadedModels, identities
 from curate.backends.scoring import as_messages, response_tokens, sequence_logprobs
 from curate.contract import MESSAGES, Stage, StageOutput, put_columns, require, with_fields, with_reason
-from curate.filters.noise import DPO_BETA, score_pairs, swap_pairs
+from curate.filters.spa import DPO_BETA, score_pairs
 from curate.judges.templates import conversation_text, load_template
+from curate.pairing import swap_pairs
 from curate.registry import register
 
 log = logging.getLogger(__name__)

@@ -33,9 +33,8 @@ from curate.filters.donod import (
     donod_scores,
     donod_select,
     keep_count,
-    topsis,
-    topsis_fit,
 )
+from curate.filters.topsis_rank import topsis, topsis_fit
 from curate.registry import get_stage
 from curate.runner import run_pipeline
 

@@ -39,7 +39,7 @@ def _one_torch_thread():
 def test_log_prob_methods_default_to_fp32_on_every_backend(backend):
     from curate.filters.ches import ChesScoreParams
     from curate.filters.donod import DonodScoreParams
-    from curate.filters.noise import SPAScoreParams
+    from curate.filters.spa import SPAScoreParams
     from curate.judges.cdr import CDRParams
     from curate.judges.scir import SCIRParams
 
@@ -56,7 +56,7 @@ def test_log_prob_methods_default_to_fp32_on_every_backend(backend):
 
 
 def test_spa_and_scir_refuse_a_missing_reference():
-    from curate.filters.noise import SPAScore, SPAScoreParams
+    from curate.filters.spa import SPAScore, SPAScoreParams
     from curate.judges.scir import SCIRFilter, SCIRParams
 
     for params, fields in ((SPAScoreParams, {"policy": "p"}), (SCIRParams, {"policy": "p"})):
@@ -330,7 +330,7 @@ def _candidate_rows(rows: list[tuple[str, list[str | None]]]) -> pa.Table:
 
 
 def test_spa_rewards_of_candidates_by_hand_then_max_min_pairs():
-    from curate.filters.noise import SPAScore, SPAScoreParams
+    from curate.filters.spa import SPAScore, SPAScoreParams
     from curate.pairing import PairFromScores, PairParams
 
     policy = FakeScorer({("q0", "a"): [-1.0, -0.5], ("q0", "b"): [-4.0], ("q0", "c"): [-2.0],

@@ -24,15 +24,12 @@ from curate.filters.noise import (
     dpo_loss,
     em_flip_rate,
     flip_posterior,
-    implicit_margins,
     noise_filter,
     pref_conf,
     rdpo_loss,
     sigmoid,
-    spa_filter,
-    spa_label_smoothing,
-    spa_threshold,
 )
+from curate.filters.spa import implicit_margins, spa_filter, spa_label_smoothing, spa_threshold
 from curate.runner import run_pipeline
 
 
