@@ -130,7 +130,9 @@ def _lengths(run: Run, columns: dict[str, pa.ChunkedArray]) -> Section | None:
     share = bias.get("share_longer")
     intro = ""
     if share is not None:
-        verdict = ("far above half: a model trained on these pairs can learn that longer is better" if share > 0.6
+        verdict = (f"flagged, above {100 * bias['threshold']:.0f}% (METHODS §8.2): a model trained on these pairs can learn "
+                   "that longer is better" if bias["flagged"]
+                   else "above half: watch for a model learning that longer is better" if share > 0.6
                    else "the chosen reply is mostly the shorter one" if share < 0.4 else "close to half")
         intro = (f"The chosen reply is longer in {bias['chosen_longer']:,} of {bias['pairs']:,} pairs "
                  f"({100 * share:.0f}%): {verdict}.")
