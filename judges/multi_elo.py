@@ -23,7 +23,8 @@ the dimension it cares about (accuracy) instead of on a merged score that fluenc
 - *Pair columns*: `me_<dim>_elo_chosen`, `me_<dim>_elo_rejected`, `me_<dim>_verdict` (win / tie /
   lose for the chosen reply, by the two Elos; null when either is missing). With `select: <dim>`,
   `action: relabel` swaps the pairs that dimension reverses (`curate.pairing.swap_pairs`, every
-  `*chosen*` / `*rejected*` column with them) and drops ties (`me_tie`) and unjudged pairs
+  `*chosen*` / `*rejected*` column with them, and the `verdicts` columns re-oriented: win <-> lose,
+  each [a, b] sample as [b, a]; other judges' `fe_*` columns are left as they were) and drops ties (`me_tie`) and unjudged pairs
   (`me_no_verdict`); `action: drop` drops reversed pairs too (`me_reversed`); `mark` only adds
   the columns. Counters: `verdict_<win|tie|lose>` of the selected dimension, `matches`, `relabelled`.
 Leaves out: Elo across rows (players = generator models), the paper's human annotation, and any
@@ -250,6 +251,21 @@ def _verdicts(table: pa.Table, dimensions: list[str]) -> dict[str, pa.Array]:
     return out
 
 
+def _reoriented(table: pa.Table, p: MultiEloParams, flip: pa.ChunkedArray) -> dict[str, pa.Array]:
+    """The `verdicts` columns in terms of the swapped pairs: win <-> lose, each [a, b] sample as [b, a]."""
+    out = {}
+    flips = flip.to_pylist()
+    for sources in (p.verdicts or {}).values():
+        for name in [sources] if isinstance(sources, str) else sources:
+            if name in out or "chosen" in name or "rejected" in name:  # swap_pairs has already swapped those
+                continue
+            values = table.column(name).to_pylist()
+            turned = [v if not f or v is None else {"win": "lose", "lose": "win"}.get(v, v) if isinstance(v, str)
+                      else [None if s is None else list(reversed(s)) for s in v] for v, f in zip(values, flips)]
+            out[name] = pa.array(turned, table.schema.field(name).type)
+    return out
+
+
 def elo_apply(table: pa.Table, p: MultiEloParams, scope: str = "multi_elo", seed: int = 0) -> StageOutput:
     """The columns, then (pair rows, `select`) the action on the selected dimension's verdict.
 
@@ -268,7 +284,7 @@ def elo_apply(table: pa.Table, p: MultiEloParams, scope: str = "multi_elo", seed
     lose = pc.fill_null(pc.equal(verdict, "lose"), False)
     if p.action == "relabel":
         out = swap_pairs(out, lose)
-        out = put_columns(out, _verdicts(out, dimensions))
+        out = put_columns(out, _verdicts(out, dimensions) | _reoriented(out, p, lose))
         counters["relabelled"] = int(pc.sum(lose).as_py() or 0)
         verdict = out.column(f"me_{p.select}_verdict")
     reasons = pc.if_else(pc.is_null(verdict), pa.scalar("me_no_verdict"),
@@ -321,4 +337,5 @@ class MultiElo(Stage):
         return with_fields(schema, elo_fields(dimensions, pairs))
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:
-        return elo_apply(table, self.params, self.stage_id, self.seed)
+        # one scope for every multi_elo stage and the library function: a prompt's tournament is the same wherever it is replayed
+        return elo_apply(table, self.params, "multi_elo", self.seed)

@@ -99,6 +99,8 @@ def test_pairwise_verdicts_relabel_on_the_selected_dimension():
     swapped = out.table.to_pylist()[1]  # p1 swapped, with its language Elos and scores
     assert swapped["chosen"] == "r" and swapped["chosen_score"] == 1.0 and swapped["margin"] == -8.0
     assert swapped["me_language_verdict"] == "lose"  # language said chosen (now rejected) was better twice
+    assert swapped["acc_verdict"] == "win" and swapped["lang_scores"] == [[1.0, 9.0], [2.0, 9.0]]  # re-oriented with the pair
+    assert MultiElo(params).apply(out.table).table.equals(out.table)  # relabelling again changes nothing
     assert dict(zip(out.rejected.column("id").to_pylist(), out.rejected.column("reason").to_pylist())) == {
         "p2": "me_tie", "p3": "me_no_verdict"}
     assert out.counters == {"matches": 1 + 1 + 1 + 1 + 2 + 1, "verdict_win": 1, "verdict_tie": 1, "verdict_lose": 1,
