@@ -215,6 +215,8 @@ def elo_columns(table: pa.Table, p: MultiEloParams, scope: str = "multi_elo", se
     cols: dict[str, list] = {name: [] for name in elo_fields(dimensions, pairs)}
     matches_played = 0
     ratings = table.column(p.ratings).to_pylist() if not p.verdicts else None
+    indices = (list(zip(table.column("chosen_index").to_pylist(), table.column("rejected_index").to_pylist()))
+               if pairs and not p.verdicts else None)
     for d in dimensions:
         sources = p.verdicts[d] if p.verdicts else None
         sources = [sources] if isinstance(sources, str) else sources
@@ -232,7 +234,7 @@ def elo_columns(table: pa.Table, p: MultiEloParams, scope: str = "multi_elo", se
                 if not pairs:
                     cols[f"me_{d}_elo"].append(elos)
                     continue
-                c, j = table.column("chosen_index")[r].as_py(), table.column("rejected_index")[r].as_py()
+                c, j = indices[r]  # type: ignore[index]
                 chosen = elos[c] if c is not None and c < len(elos) else None
                 rejected = elos[j] if j is not None and j < len(elos) else None
             cols[f"me_{d}_elo_chosen"].append(chosen)
