@@ -21,8 +21,8 @@ _EXPORTS = {
     **dict.fromkeys(["choice_probability", "order_averaged", "is_consistent", "SCIRFilter", "SCIRParams"], "scir"),
     **dict.fromkeys(["parse_ratings", "listwise_regex", "presentation_order", "map_back", "candidate_means",
                      "monotone_in_position", "load_aspects", "UltraFeedbackJudge", "UltraFeedbackParams"], "ultrafeedback"),
-    **dict.fromkeys(["elo_ratings", "elo_update", "expected_score", "candidate_elos", "multi_elo_ratings", "MultiElo",
-                     "MultiEloParams"], "multi_elo"),
+    **dict.fromkeys(["elo_ratings", "elo_update", "expected_score", "play_every_order"], "elo"),
+    **dict.fromkeys(["candidate_elos", "multi_elo_ratings", "MultiElo", "MultiEloParams"], "multi_elo"),
     **dict.fromkeys(["load_template", "conversation_text", "Template"], "templates"),
 }
 
@@ -32,8 +32,8 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name loads on first use
     from curate.judges.cdr import (CDRJudge, CDRParams, customize, density_ratio, exemplar_text, load_customization,
                                    parse_domain, sequence_score)
-    from curate.judges.multi_elo import (MultiElo, MultiEloParams, candidate_elos, elo_ratings, elo_update, expected_score,
-                                         multi_elo_ratings)
+    from curate.judges.elo import elo_ratings, elo_update, expected_score, play_every_order
+    from curate.judges.multi_elo import MultiElo, MultiEloParams, candidate_elos, multi_elo_ratings
     from curate.judges.pairwise import (PairwiseJudge, PairwiseParams, combine_orders, compare, parse_pair_scores,
                                         verdict_entropy)
     from curate.judges.scir import SCIRFilter, SCIRParams, choice_probability, is_consistent, order_averaged

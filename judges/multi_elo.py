@@ -3,10 +3,9 @@
 Judges reward long, fluent but wrong answers; rating each dimension (the paper's accuracy,
 helpfulness, language) apart and keeping one Elo per dimension lets a pipeline select pairs on
 the dimension it cares about (accuracy) instead of on a merged score that fluency can buy.
-- *Elo* (§8.2): `E_a = 1 / (1 + 10^((R_b − R_a) / 400))`, `R_a += K(S_a − E_a)` (and the same for
-  b), K = 32, every player starting at 1000 ([ours] in §8.2). Elo depends on the order the matches
-  are played in, so the matches are replayed in `orders` seeded random orders and the final
-  ratings averaged (§8.2). Two equal players, A wins: A 1016, B 984.
+- *Elo* (§8.2, `curate.judges.elo`): `R_a += K(S_a − E_a)`, K = 32, start 1000, averaged over
+  every distinct match order up to `exact_orders` (720), else over `orders` (16) seeded ones.
+  Two equal players, A wins: A 1016, B 984.
 - *Matches from the listwise judge* (`judges.ultrafeedback`'s `uf_ratings`, one list of 1-5
   ratings per aspect): on each aspect, every two rated candidates of a row play one match, won by
   the higher rating (equal = a draw). Columns `me_<dim>_elo`: one Elo per candidate (null when
@@ -24,8 +23,8 @@ the dimension it cares about (accuracy) instead of on a merged score that fluenc
   lose for the chosen reply, by the two Elos; null when either is missing). With `select: <dim>`,
   `action: relabel` swaps the pairs that dimension reverses (`curate.pairing.swap_pairs`, every
   `*chosen*` / `*rejected*` column with them, and the `verdicts` columns re-oriented: win <-> lose,
-  each [a, b] sample as [b, a]; other judges' `fe_*` columns are left as they were) and drops ties (`me_tie`) and unjudged pairs
-  (`me_no_verdict`); `action: drop` drops reversed pairs too (`me_reversed`); `mark` only adds
+  each [a, b] sample as [b, a]; other judges' `fe_*` columns are left as they were) and drops
+  ties (`me_tie`) and unjudged pairs (`me_no_verdict`); `action: drop` drops reversed pairs too (`me_reversed`); `mark` only adds
   the columns. Counters: `verdict_<win|tie|lose>` of the selected dimension, `matches`, `relabelled`.
 Leaves out: Elo across rows (players = generator models), the paper's human annotation, and any
 claim that the dimension names match the paper's rubrics ([unverified] in §8.2).
@@ -34,10 +33,8 @@ Example: elo_ratings([("a", "b", 1.0)], orders=1) -> {'a': 1016.0, 'b': 984.0}
 """
 from __future__ import annotations
 
-import random
 import re
-from collections import Counter
-from typing import Any, Hashable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,56 +43,13 @@ from pydantic import Field, field_validator
 from curate.adapters import accepts_frames
 from curate.contract import Params, Stage, StageOutput, put_columns, require, with_fields, with_reason
 from curate.errors import SchemaError
+from curate.judges.elo import EXACT_ORDERS, INITIAL, K_FACTOR, ORDERS, Match, elo_ratings
 from curate.keys import row_seed
 from curate.pairing import swap_pairs
 from curate.registry import register
 
-K_FACTOR = 32.0  # §8.2 [ours]: K = 32
-INITIAL = 1000.0  # §8.2 [ours]: every player starts at 1000
-ORDERS = 16  # §8.2: "average over several random match orders"; 16 is ours
 DIMENSION = re.compile(r"[a-z][a-z0-9_]*")
 SCORE = {"win": 1.0, "tie": 0.5, "lose": 0.0}
-Match = tuple[Hashable, Hashable, float]  # (player a, player b, score of a: 1 win, 0.5 draw, 0 loss)
-
-
-def expected_score(rating_a: float, rating_b: float) -> float:
-    """E_a = 1 / (1 + 10^((R_b − R_a)/400)) (§8.2). Example: expected_score(1000, 1000) -> 0.5"""
-    return 1.0 / (1.0 + 10.0 ** ((rating_b - rating_a) / 400.0))
-
-
-def elo_update(rating_a: float, rating_b: float, score_a: float, k: float = K_FACTOR) -> tuple[float, float]:
-    """Both ratings after one match: R_a += K(S_a − E_a), R_b += K((1 − S_a) − (1 − E_a)) (§8.2).
-
-    Example: elo_update(1000, 1000, 1.0) -> (1016.0, 984.0)
-    """
-    delta = k * (score_a - expected_score(rating_a, rating_b))
-    return rating_a + delta, rating_b - delta
-
-
-def play(matches: Sequence[Match], k: float = K_FACTOR, initial: float = INITIAL) -> dict[Hashable, float]:
-    """Ratings after playing `matches` once, in the order given. Example: play([("a", "b", 0.5)]) -> {'a': 1000.0, 'b': 1000.0}"""
-    ratings: dict[Hashable, float] = {}
-    for a, b, score in matches:
-        ratings[a], ratings[b] = elo_update(ratings.get(a, initial), ratings.get(b, initial), score, k)
-    return ratings
-
-
-def elo_ratings(matches: Sequence[Match], k: float = K_FACTOR, initial: float = INITIAL, orders: int = ORDERS,
-                seed: int = 0) -> dict[Hashable, float]:
-    """Every player's Elo, averaged over `orders` seeded shuffles of the match list (§8.2).
-
-    Players who play no match are not in the result. Example: elo_ratings([("a", "b", 1.0)]) -> {'a': 1016.0, 'b': 984.0}
-    """
-    if orders < 1:
-        raise ValueError(f"orders must be at least 1, got {orders}")
-    rng = random.Random(seed)
-    totals: dict[Hashable, float] = {}
-    order = list(matches)
-    for _ in range(orders):
-        rng.shuffle(order)
-        for player, rating in play(order, k, initial).items():
-            totals[player] = totals.get(player, 0.0) + rating
-    return {player: total / orders for player, total in totals.items()}
 
 
 def rating_matches(ratings: Sequence[float | None]) -> list[Match]:
@@ -128,12 +82,12 @@ def verdict_of(chosen: float | None, rejected: float | None) -> str | None:
 
 
 def candidate_elos(ratings: Sequence[float | None], k: float = K_FACTOR, initial: float = INITIAL, orders: int = ORDERS,
-                   seed: int = 0) -> list[float | None]:
+                   seed: int = 0, exact_orders: int = EXACT_ORDERS) -> list[float | None]:
     """One dimension of one row: each candidate's Elo from the matches of its ratings (None: unrated).
 
     A candidate rated alone keeps `initial`. Example: candidate_elos([5.0, 1.0]) -> [1016.0, 984.0]
     """
-    elos = elo_ratings(rating_matches(ratings), k, initial, orders, seed)
+    elos = elo_ratings(rating_matches(ratings), k, initial, orders, seed, exact_orders)
     return [None if r is None else elos.get(i, initial) for i, r in enumerate(ratings)]
 
 
@@ -169,7 +123,8 @@ class MultiEloParams(Params):
         None, description="pair rows: dimension -> judges.pairwise column(s) (fe_verdict, or fe_scores_ab / fe_scores_ba)")
     k: float = Field(K_FACTOR, gt=0, description="Elo K factor (§8.2: 32)")
     initial: float = Field(INITIAL, description="starting rating (§8.2: 1000)")
-    orders: int = Field(ORDERS, ge=1, description="seeded match orders averaged (§8.2)")
+    orders: int = Field(ORDERS, ge=1, description="seeded match orders averaged when there are more than exact_orders (§8.2)")
+    exact_orders: int = Field(EXACT_ORDERS, ge=0, description="play every distinct order when there are at most this many (0: always sample)")
     select: str | None = Field(None, description="pair rows: the dimension whose verdict `action` acts on")
     action: Literal["mark", "relabel", "drop"] = Field("mark", description="pair rows with `select`: mark, relabel (swap reversed), drop reversed")
 
@@ -198,7 +153,7 @@ def _dimensions(p: MultiEloParams, schema: pa.Schema) -> tuple[list[str], bool]:
 def _pair_elos(matches: list[Match], p: MultiEloParams, seed: int) -> tuple[float | None, float | None]:
     if not matches:
         return None, None
-    elos = elo_ratings(matches, p.k, p.initial, p.orders, seed)
+    elos = elo_ratings(matches, p.k, p.initial, p.orders, seed, p.exact_orders)
     return elos["a"], elos["b"]
 
 
@@ -230,7 +185,7 @@ def elo_columns(table: pa.Table, p: MultiEloParams, scope: str = "multi_elo", se
             else:
                 row = (ratings[r] or {}).get(d) or []  # type: ignore[index]
                 matches_played += len(rating_matches(row))
-                elos = candidate_elos(row, p.k, p.initial, p.orders, seed_d)
+                elos = candidate_elos(row, p.k, p.initial, p.orders, seed_d, p.exact_orders)
                 if not pairs:
                     cols[f"me_{d}_elo"].append(elos)
                     continue
@@ -299,12 +254,13 @@ def elo_apply(table: pa.Table, p: MultiEloParams, scope: str = "multi_elo", seed
 @accepts_frames
 def multi_elo_ratings(table: pa.Table, ratings: str = "uf_ratings", dimensions: list[str] | None = None,
               verdicts: dict[str, str | list[str]] | None = None, k: float = K_FACTOR, initial: float = INITIAL,
-              orders: int = ORDERS, select: str | None = None, action: str = "mark", seed: int = 0) -> pa.Table:
+              orders: int = ORDERS, select: str | None = None, action: str = "mark", seed: int = 0,
+              exact_orders: int = EXACT_ORDERS) -> pa.Table:
     """Add the `me_*` Elo columns (module docstring); with `select` and `action` relabel / drop, the kept pairs.
 
     Example: multi_elo_ratings(rated_candidates)["me_helpfulness_elo"]; multi_elo_ratings(pairs, verdicts={"accuracy": "fe_verdict"})
     """
-    p = MultiEloParams(ratings=ratings, dimensions=dimensions, verdicts=verdicts, k=k, initial=initial, orders=orders,
+    p = MultiEloParams(ratings=ratings, dimensions=dimensions, verdicts=verdicts, k=k, initial=initial, orders=orders, exact_orders=exact_orders,
                        select=select, action=action)  # type: ignore[arg-type]
     return elo_apply(table, p, "multi_elo", seed).table
 

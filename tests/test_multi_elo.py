@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 
 from curate.errors import SchemaError
-from curate.judges.multi_elo import (MultiElo, MultiEloParams, candidate_elos, elo_ratings, elo_update, expected_score,
-                                     multi_elo_ratings, play, rating_matches, verdict_matches)
+from curate.judges.elo import elo_ratings, elo_update, expected_score, order_count, order_table, play, play_every_order
+from curate.judges.multi_elo import MultiElo, MultiEloParams, candidate_elos, multi_elo_ratings, rating_matches, verdict_matches
 
 RATINGS = pa.struct([("accuracy", pa.list_(pa.float64())), ("language", pa.list_(pa.float64()))])
 
@@ -39,14 +39,30 @@ def test_order_matters_and_ratings_are_the_mean_over_seeded_orders():
     assert len({round(r["a"], 6) for r in finals.values()}) > 1  # Elo depends on the order: why §8.2 averages
     import random
 
+    # up to exact_orders distinct orders: the exact mean over all of them
+    assert elo_ratings(matches) == {p: pytest.approx(sum(r[p] for r in finals.values()) / 6) for p in "abc"}
+    # beyond: `orders` seeded shuffles
     rng, order, total = random.Random(5), list(matches), 0.0
     for _ in range(4):
         rng.shuffle(order)
         total += play(order)["a"]
-    assert elo_ratings(matches, orders=4, seed=5)["a"] == pytest.approx(total / 4)
-    assert elo_ratings(matches, orders=4, seed=5) == elo_ratings(matches, orders=4, seed=5)
-    assert elo_ratings(matches, orders=4, seed=5) != elo_ratings(matches, orders=4, seed=6)
-    assert sum(elo_ratings(matches, orders=9).values()) == pytest.approx(3000)  # Elo is zero-sum
+    sampled = elo_ratings(matches, orders=4, seed=5, exact_orders=0)
+    assert sampled["a"] == pytest.approx(total / 4)
+    assert sampled == elo_ratings(matches, orders=4, seed=5, exact_orders=0)
+    assert sampled != elo_ratings(matches, orders=4, seed=6, exact_orders=0)
+    assert sum(elo_ratings(matches, orders=9, exact_orders=0).values()) == pytest.approx(3000)  # Elo is zero-sum
+
+
+def test_every_order_makes_symmetric_records_exact_ties():
+    record = [("a", "b", 1.0), ("a", "b", 0.0), ("a", "b", 0.5), ("a", "b", 0.5)]
+    assert order_count(record) == 12 and len(order_table((1, 1, 2))) == 12
+    assert elo_ratings(record) == {"a": 1000.0, "b": 1000.0}  # one win, one loss, two draws: a tie
+    assert elo_ratings(record, orders=3, seed=1, exact_orders=0)["a"] != 1000.0  # sampled orders leave an order effect
+    elos = candidate_elos([5.0, 3.0, 3.0, 1.0])
+    assert elos[1] == elos[2] and elos[0] > elos[1] > elos[3]  # equal ratings, equal Elo
+    six = rating_matches([5.0, 3.0, 2.0, 1.0])  # 6 distinct matches: 720 orders, vectorised against the plain loop
+    loop = {p: sum(play(list(o))[p] for o in itertools.permutations(six)) / 720 for p in range(4)}
+    assert play_every_order(six) == pytest.approx(loop)
 
 
 def test_matches_from_ratings_and_verdicts():
