@@ -111,6 +111,10 @@ def test_a_run_records_the_check_in_stats_json_and_the_card_flags_it(tmp_path):
     assert load_run(str(out)).stats.length_bias.chosen_longer == 8
     card = (out / "README.md").read_text()
     assert "**8 of 10 pairs (80.0%)**" in card and "**Flagged** (METHODS §8.2)" in card
+    from curate.report import write_report
+
+    html = open(write_report(str(out)), encoding="utf-8").read()
+    assert "longer in 8 of 10 pairs (80%): flagged, above 70% (METHODS §8.2)" in html
     # the opt-in rebalancing stage: 2 vs 2 left, its fit in stats.json
     (tmp_path / "p.yaml").write_text("name: lb\nsource: {path: pairs.jsonl}\nlicense: mit\nstages:\n"
                                      "  - stage: filters.length_balance\n")
