@@ -48,7 +48,6 @@ from pydantic import Field
 
 from curate.adapters import accepts_frames
 from curate.backends.base import ScoreItem, encode_prompt, open_backend
-from curate.backends.params import LoadedModels
 from curate.backends.scoring import as_messages
 from curate.contract import (
     TEXT_TYPES,
@@ -62,7 +61,7 @@ from curate.contract import (
     require,
     with_fields,
 )
-from curate.models import model_identity
+from curate.model_stage import ModelStage
 from curate.registry import register
 
 log = logging.getLogger(__name__)
@@ -371,7 +370,7 @@ class ChesScoreParams(Params):
 
 
 @register
-class ChesScore(Stage):
+class ChesScore(ModelStage):
     """Score each pair's CHES with the model to be trained; stores the `ches_*` columns (module docstring).
 
     Example: - stage: filters.ches_score
@@ -379,25 +378,12 @@ class ChesScore(Stage):
     """
 
     name = "filters.ches_score"
-    kind = "model"
     Params = ChesScoreParams
-
-    def __init__(self, params: ChesScoreParams | None = None, *, seed: int = 0, stage_id: str | None = None):
-        super().__init__(params, seed=seed, stage_id=stage_id)
-        self.models = LoadedModels(self.params, seed)
-
-    def key_material(self) -> dict[str, Any]:
-        return super().key_material() | {"model_identity": model_identity(self.params.model)}
+    identity_as_list = False
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require(schema, {"id": pa.string(), "prompt": TEXT_TYPES, "chosen": pa.string(), "rejected": pa.string()}, self.name)
         return with_fields(schema, SCORE_COLUMNS)
-
-    def open(self) -> None:
-        self.models.get(self.params.model)
-
-    def close(self) -> None:
-        self.models.release()
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:
         p = self.params

@@ -65,7 +65,6 @@ from pydantic import Field
 
 from curate.adapters import accepts_frames
 from curate.backends.base import ScoreItem, encode_pair, open_backend
-from curate.backends.params import LoadedModels
 from curate.backends.scoring import as_messages
 from curate.contract import (
     TEXT_TYPES,
@@ -80,7 +79,7 @@ from curate.contract import (
     with_fields,
 )
 from curate.filters.topsis_rank import Normalize, TopsisFit, topsis_closeness, topsis_fit
-from curate.models import model_identity
+from curate.model_stage import ModelStage
 from curate.registry import register
 
 log = logging.getLogger(__name__)
@@ -621,7 +620,7 @@ class DonodScoreParams(Params):
 
 
 @register
-class DonodScore(Stage):
+class DonodScore(ModelStage):
     """Score each row's reply with DON and NOD of the output layer (module docstring); writes `donod_*`.
 
     Example: - stage: filters.donod_score
@@ -629,16 +628,9 @@ class DonodScore(Stage):
     """
 
     name = "filters.donod_score"
-    kind = "model"
     Params = DonodScoreParams
-
-    def __init__(self, params: DonodScoreParams | None = None, *, seed: int = 0, stage_id: str | None = None):
-        super().__init__(params, seed=seed, stage_id=stage_id)
-        self.models = LoadedModels(self.params, seed)
-        self._layer: OutputLayer | None = None
-
-    def key_material(self) -> dict[str, Any]:
-        return super().key_material() | {"model_identity": model_identity(self.params.model)}
+    identity_as_list = False
+    _layer: OutputLayer | None = None
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require(schema, {"id": pa.string(), "prompt": TEXT_TYPES, self.params.column: pa.string()}, self.name)
@@ -655,7 +647,7 @@ class DonodScore(Stage):
         self.backend()
 
     def close(self) -> None:
-        self.models.release()
+        super().close()
         self._layer = None
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:

@@ -36,10 +36,11 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.backends.base import ChatRequest, Completion, GenerationParams
-from curate.backends.params import LoadedModels, ModelParams, identities, run_batched
-from curate.contract import MESSAGES, Stage, StageOutput, put_columns, require, with_fields, with_reason
+from curate.backends.params import ModelParams, run_batched
+from curate.contract import MESSAGES, StageOutput, put_columns, require, with_fields, with_reason
 from curate.judges.templates import conversation_text, load_template
 from curate.keys import row_coin, row_seed
+from curate.model_stage import ModelStage
 from curate.registry import register
 
 ROLE_LABEL = re.compile(r"\b(?:the\s+)?response\s*([12])\b", re.IGNORECASE)
@@ -114,7 +115,7 @@ class RationaleParams(ModelParams):
 
 
 @register
-class RationaleJudge(Stage):
+class RationaleJudge(ModelStage):
     """Write a rationale per pair and its training-time conditioning text (module docstring).
 
     Example: - stage: judges.rationale
@@ -122,7 +123,6 @@ class RationaleJudge(Stage):
     """
 
     name = "judges.rationale"
-    kind = "model"
     Params = RationaleParams
     uses_seed = True
 
@@ -132,11 +132,9 @@ class RationaleJudge(Stage):
         self.template = load_template(p.template or f"rationale_{p.style}",
                                       required=("prompt", "response_1", "response_2", "preferred"))
         self.conditioning = load_template(p.conditioning_template, required=("prompt", "chosen", "rejected"))
-        self.models = LoadedModels(p, seed)
 
-    def key_material(self) -> dict[str, Any]:
-        return super().key_material() | {"template_hash": self.template.hash, "conditioning_hash": self.conditioning.hash,
-                                         "model_identity": identities(self.params, [self.params.model])}
+    def key_texts(self) -> dict[str, Any]:
+        return super().key_texts() | {"conditioning_hash": self.conditioning.hash}
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require(schema, {"id": pa.string(), "prompt": MESSAGES, "chosen": pa.string(), "rejected": pa.string()}, self.name)
@@ -145,12 +143,6 @@ class RationaleJudge(Stage):
             "rationale_model": pa.string(), "rationale_raw": pa.string(), "rationale_chosen_first": pa.bool_(),
             self.error_column: pa.string(),
         })
-
-    def open(self) -> None:
-        self.models.get(self.params.model)
-
-    def close(self) -> None:
-        self.models.release()
 
     def chosen_first(self, row_id: str) -> bool:
         """The presentation order of one row, seeded from its id. Example: stage.chosen_first("r1") -> True"""

@@ -63,7 +63,7 @@ def test_spa_and_scir_refuse_a_missing_reference():
         with pytest.raises(ValidationError, match="reference"):
             params(**fields)
     assert SPAScore(SPAScoreParams(policy="p", reference="none")).reference is None
-    assert SPAScore(SPAScoreParams(policy="p", reference="/m/sft"))._roles() == ["p", "/m/sft"]
+    assert SPAScore(SPAScoreParams(policy="p", reference="/m/sft")).model_refs() == ["p", "/m/sft"]
     assert SCIRFilter(SCIRParams(policy="p", reference="None")).model_refs() == ["p"]
 
 
