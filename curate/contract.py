@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Iterable, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from curate.errors import SchemaError
 
@@ -41,26 +41,42 @@ REASON = "reason"
 Kind = Literal["map", "filter", "model", "global"]
 
 
+EXECUTION = {"execution": True}  # the mark of an execution knob in a field's json_schema_extra
+
+
+def execution_field(default: Any, **kwargs: Any) -> Any:
+    """A params field that changes how a stage runs (batch sizes, devices, timeouts), never what it
+    outputs: it stays out of the stage key, so changing it re-runs nothing.
+
+    Example: batch_size: int = execution_field(64, ge=1, description="texts per embedding batch")
+    """
+    return Field(default, json_schema_extra=EXECUTION, **kwargs)
+
+
 class Params(BaseModel):
     """Base of every stage's params: unknown keys are refused, values are validated.
 
-    Fields whose `json_schema_extra` has `{"execution": True}` are execution knobs and stay out
-    of the stage key. Example: class P(Params): max_chars: int | None = None
+    Fields made with `execution_field` are execution knobs and stay out of the stage key.
+    Example: class P(Params): max_chars: int | None = None
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def execution_params(cls) -> set[str]:
+        """The names of the execution knobs (fields made with `execution_field`).
+
+        Example: ModelParams.execution_params() -> {'batch_size', 'timeout', ...}
+        """
+        return {name for name, field in cls.model_fields.items()
+                if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("execution")}
 
     def key_params(self) -> dict[str, Any]:
         """The params that change output, as plain JSON data (execution knobs left out).
 
         Example: LengthParams(max_chars=5).key_params() -> {'columns': [...], 'max_chars': 5, ...}
         """
-        knobs = {
-            name
-            for name, field in type(self).model_fields.items()
-            if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("execution")
-        }
-        return self.model_dump(mode="json", exclude=knobs)
+        return self.model_dump(mode="json", exclude=self.execution_params())
 
 
 class NoParams(Params):

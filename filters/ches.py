@@ -55,6 +55,7 @@ from curate.contract import (
     Stage,
     StageOutput,
     Verdict,
+    execution_field,
     keep_all,
     mark_dropped,
     put_columns,
@@ -66,7 +67,6 @@ from curate.registry import register
 
 log = logging.getLogger(__name__)
 
-EXECUTION = {"execution": True}
 SCORE_COLUMNS: dict[str, pa.DataType] = {
     "ches": pa.float64(),
     "ln_ches": pa.float64(),
@@ -363,10 +363,9 @@ class ChesScoreParams(Params):
     backend: Literal["transformers"] = Field("transformers", description="engine; only transformers serves hidden states")
     dtype: str = Field("float32", description="weights dtype; sums are float64 whatever it is")
     max_length: int = Field(512, description="token budget for prompt + response (METHODS §5 (d)); -1 = none")
-    batch_tokens: int | None = Field(None, ge=1, json_schema_extra=EXECUTION,
-                                     description="longest row x rows per forward batch (backend default 8192)")
-    chunk_rows: int = Field(256, ge=1, json_schema_extra=EXECUTION,
-                            description="rows whose hidden states are held in memory at once")
+    batch_tokens: int | None = execution_field(None, ge=1,
+                                               description="longest row x rows per forward batch (backend default 8192)")
+    chunk_rows: int = execution_field(256, ge=1, description="rows whose hidden states are held in memory at once")
 
 
 @register

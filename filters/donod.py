@@ -72,6 +72,7 @@ from curate.contract import (
     Stage,
     StageOutput,
     Verdict,
+    execution_field,
     keep_all,
     mark_dropped,
     put_columns,
@@ -84,7 +85,6 @@ from curate.registry import register
 
 log = logging.getLogger(__name__)
 
-EXECUTION = {"execution": True}
 SCORE_COLUMNS: dict[str, pa.DataType] = {
     "donod_don": pa.float64(),
     "donod_nod": pa.float64(),
@@ -611,12 +611,10 @@ class DonodScoreParams(Params):
     tied: Tied = Field("closed_form", description="tied embeddings: output-layer use only, or the whole shared tensor")
     dtype: str = Field("float32", description="model weights dtype; DONOD math is float64 whatever it is")
     max_length: int = Field(2048, description="token budget for prompt + reply; -1 = none")
-    chunk: int = Field(256, ge=1, json_schema_extra=EXECUTION,
-                       description="response positions per block of the ||G||² Gram (bounds memory)")
-    batch_tokens: int | None = Field(None, ge=1, json_schema_extra=EXECUTION,
-                                     description="longest row x rows per forward batch (backend default 8192)")
-    chunk_rows: int = Field(64, ge=1, json_schema_extra=EXECUTION,
-                            description="rows whose hidden states are held in memory at once")
+    chunk: int = execution_field(256, ge=1, description="response positions per block of the ||G||² Gram (bounds memory)")
+    batch_tokens: int | None = execution_field(None, ge=1,
+                                               description="longest row x rows per forward batch (backend default 8192)")
+    chunk_rows: int = execution_field(64, ge=1, description="rows whose hidden states are held in memory at once")
 
 
 @register

@@ -30,8 +30,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.backends.base import ChatRequest, GenerationParams
-from curate.backends.params import EXECUTION, ModelParams, constrains, run_batched
-from curate.contract import MESSAGES, Params, Stage, StageOutput, put_columns, require, with_fields
+from curate.backends.params import ModelParams, constrains, run_batched
+from curate.contract import MESSAGES, Params, Stage, StageOutput, execution_field, put_columns, require, with_fields
 from curate.filters.near_dup import DEFAULT_EMBEDDER, embed, embedder_identity, load_embedder, release_embedders
 from curate.judges.icai import (
     Combine, chunks, combine_seeds, heldout, map_vote, numbered, parse_principles, parse_votes, propose_regex,
@@ -129,8 +129,8 @@ class EmbedParams(Params):
     """Params of judges.icai_embed. Example: EmbedParams(model="all-minilm-l6-v2")"""
 
     model: str = Field(DEFAULT_EMBEDDER, description="sentence-transformers model: built-in name or local folder")
-    batch_size: int = Field(64, ge=1, json_schema_extra=EXECUTION, description="texts per embedding batch")
-    device: str | None = Field(None, json_schema_extra=EXECUTION, description="torch device of the embedder (None: auto)")
+    batch_size: int = execution_field(64, ge=1, description="texts per embedding batch")
+    device: str | None = execution_field(None, description="torch device of the embedder (None: auto)")
 
 
 @register
