@@ -38,9 +38,9 @@ from curate.errors import ConfigError
 from curate.judges.icai import numbered
 from curate.judges.icai_stages import STRINGS, counters_of
 from curate.judges.templates import conversation_text, load_template
-from curate.keys import canonical_json, digest, row_coin, row_seed
+from curate.keys import canonical_json, digest, row_seed
 from curate.model_stage import ModelStage
-from curate.pairing import swap_pairs
+from curate.pairing import chosen_first, swap_pairs
 from curate.registry import register
 
 CHOICE = re.compile(r"(?<![a-z])\(?([ab])\)?(?![a-z])", re.IGNORECASE)
@@ -124,14 +124,10 @@ class ConstitutionJudge(ModelStage):
             fields |= {"icai_baseline_choice": pa.string(), "icai_baseline_agree": pa.bool_(), "icai_baseline_text": pa.string()}
         return with_fields(schema, fields | {"icai_annotator_model": pa.string(), self.error_column: pa.string()})
 
-    def chosen_first(self, row_id: str) -> bool:
-        """Whether the chosen reply is shown as (a) in this row (seeded from its id). Example: stage.chosen_first("r1")"""
-        return row_coin(row_id, f"{self.stage_id}:order", self.seed)
-
     def request(self, row_id: str, messages: list[dict], chosen: str, rejected: str, principles: list[str] | None) -> ChatRequest:
         """The annotator's request; `principles=None` gives the no-constitution annotator's."""
         p = self.params
-        first = self.chosen_first(row_id)
+        first = chosen_first(row_id, self.stage_id, self.seed)
         fields = {"prompt": conversation_text(messages), "response_a": chosen if first else rejected,
                   "response_b": rejected if first else chosen}
         text = self.plain.render(**fields) if principles is None else self.template.render(constitution=numbered(principles), **fields)
@@ -165,7 +161,7 @@ class ConstitutionJudge(ModelStage):
         counters: Counter = Counter(counters_of(answers), rows=n, annotated=len(todo))
         counters.update({a[3] + k: 0 for a in annotators for k in ("agree", "disagree", "unanswered", "picked_a")})
         for k, i in enumerate(todo):
-            first = self.chosen_first(rows[i][0])
+            first = chosen_first(rows[i][0], self.stage_id, self.seed)
             for choice_col, agree_col, text_col, label, offset in annotators:
                 answer = answers[offset + k]
                 letter = parse_choice(answer.text) if answer.error is None else None
@@ -179,7 +175,7 @@ class ConstitutionJudge(ModelStage):
         counters["row_errors"] = sum(e is not None for e in cols[self.error_column])
         schema = self.output_schema(table.schema)
         arrays = {name: pa.array(values, schema.field(name).type) for name, values in cols.items() if name in schema.names}
-        arrays |= {"icai_chosen_first": pa.array([self.chosen_first(r[0]) for r in rows], pa.bool_()),
+        arrays |= {"icai_chosen_first": pa.array([chosen_first(r[0], self.stage_id, self.seed) for r in rows], pa.bool_()),
                    "icai_annotator_model": pa.array([p.model] * n, pa.string())}
         out = put_columns(table, arrays).select(schema.names)
         if p.action == "mark":

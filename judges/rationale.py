@@ -39,8 +39,9 @@ from curate.backends.base import ChatRequest, Completion, GenerationParams
 from curate.backends.params import ModelParams, run_batched
 from curate.contract import MESSAGES, StageOutput, put_columns, require, with_fields, with_reason
 from curate.judges.templates import conversation_text, load_template
-from curate.keys import row_coin, row_seed
+from curate.keys import row_seed
 from curate.model_stage import ModelStage
+from curate.pairing import chosen_first
 from curate.registry import register
 
 ROLE_LABEL = re.compile(r"\b(?:the\s+)?response\s*([12])\b", re.IGNORECASE)
@@ -144,17 +145,13 @@ class RationaleJudge(ModelStage):
             self.error_column: pa.string(),
         })
 
-    def chosen_first(self, row_id: str) -> bool:
-        """The presentation order of one row, seeded from its id. Example: stage.chosen_first("r1") -> True"""
-        return row_coin(row_id, f"{self.stage_id}:order", self.seed)
-
     def conditioning_text(self, messages: list[dict], chosen: str, rejected: str) -> str:
         """`x_rat` of §3: the chosen reply above, the rejected one below. Example: stage.conditioning_text(m, "a", "b")"""
         return self.conditioning.render(prompt=conversation_text(messages), chosen=chosen, rejected=rejected)
 
     def request(self, row_id: str, messages: list[dict], chosen: str, rejected: str) -> ChatRequest:
         """The writer's request for one pair, in this row's presentation order. Example: stage.request("r1", m, "a", "b")"""
-        first = self.chosen_first(row_id)
+        first = chosen_first(row_id, self.stage_id, self.seed)
         text = self.template.render(prompt=conversation_text(messages), response_1=chosen if first else rejected,
                                     response_2=rejected if first else chosen, preferred="Response 1" if first else "Response 2")
         return ChatRequest([{"role": "user", "content": text}], self.params.generation,
@@ -176,7 +173,7 @@ class RationaleJudge(ModelStage):
         leaked, counters = [], Counter(rows=len(rows), rationales=0, row_errors=0, request_errors=0, leaked=0,
                                        truncated=0, tokens_generated=0)
         for i, (row_id, messages, chosen, rejected) in enumerate(rows):
-            answer, first = by_row.get(i), self.chosen_first(row_id)
+            answer, first = by_row.get(i), chosen_first(row_id, self.stage_id, self.seed)
             error = None if answer is not None else "null prompt, chosen or rejected"
             if answer is not None and answer.error is not None:
                 error, counters["request_errors"] = f"request failed: {answer.error}", counters["request_errors"] + 1

@@ -10,6 +10,7 @@ from curate.contract import MESSAGES
 from curate.judges.rationale import (
     RationaleJudge, RationaleParams, copies_response, dpo_term, edit_distance, rdpo_loss, rdpo_rationale_term, refer_by_role,
 )
+from curate.pairing import chosen_first
 
 
 def test_rdpo_rationale_term_of_methods():
@@ -82,7 +83,7 @@ def test_stage_randomises_order_rewrites_labels_drops_copies_and_writes_x_rat():
     shown = {r.messages[0]["content"].index("careful") < r.messages[0]["content"].index("rude") for r in writer.requests[:30]}
     assert shown == {True, False}
     again = RationaleJudge(RationaleParams(model="scripted/writer", backend="transformers", style="specific"))
-    assert [again.chosen_first(f"r{i}") for i in range(30)] == [r["rationale_chosen_first"] for r in kept]
+    assert [chosen_first(f"r{i}", again.stage_id, again.seed) for i in range(30)] == [r["rationale_chosen_first"] for r in kept]
 
 
 def test_template_text_is_hashed_into_the_key(tmp_path):
