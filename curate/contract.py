@@ -165,7 +165,9 @@ class Stage:
         machine has CUDA; a remote server (`backend: openai`) and cheap stages ask for nothing.
         Example: judge.resources() -> {"GPU": 1} on a CUDA machine, {} on a CPU-only one
         """
-        if self.kind != "model" or getattr(self.params, "backend", None) not in ("vllm", "transformers"):
+        from curate.backends.registry import runs_in_process
+
+        if self.kind != "model" or not runs_in_process(getattr(self.params, "backend", None)):
             return {}
         from curate.backends.cache import cuda_available
 
@@ -348,3 +350,19 @@ def keep_all(n: int) -> tuple[pa.BooleanArray, pa.StringArray]:
     Example: keep_all(2) -> ([true, true], [null, null])
     """
     return pa.array([True] * n, pa.bool_()), pa.nulls(n, pa.string())
+
+
+def inside_cut(values: pa.Array, ids: pa.Array | pa.ChunkedArray, cut_value: pa.Scalar, cut_id: pa.Scalar,
+               side: Literal["below", "above"]) -> pa.BooleanArray:
+    """Rows on the kept side of a global (score, id) cut, as the quantile filters fit it: a score
+    strictly below (or above) the cut value, or equal to it with an id at most the cut's, so ties
+    at the cut go to the smaller ids whatever the parts. A null cut keeps nothing; null scores are False.
+
+    Example: inside_cut(pa.array([1., 2., 2.]), pa.array(["a", "b", "c"]), pa.scalar(2.), pa.scalar("b"), "below") -> [T, T, F]
+    """
+    if not cut_value.is_valid:
+        return pa.array([False] * len(values), pa.bool_())
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    beyond = (pc.less if side == "below" else pc.greater)(values, cut_value)
+    tied = pc.and_(pc.equal(values, cut_value), pc.less_equal(ids, cut_id))
+    return pc.fill_null(pc.or_(beyond, tied), False)

@@ -116,6 +116,20 @@ class ImplicitRewardParams(ModelParams):
         return reference_model(self.reference)
 
 
+class HiddenStateParams(Params):
+    """Params shared by the stages that read a model's last hidden states (CHES, DONOD): one model
+    through transformers (the only engine that serves them), fp32 weights, forward batches by tokens.
+
+    Example: class ChesScoreParams(HiddenStateParams): max_length: int = Field(512, description="...")
+    """
+
+    model: str = Field(description="the scoring model")
+    backend: Literal["transformers"] = Field("transformers", description="engine; only transformers serves hidden states")
+    dtype: str = Field("float32", description="weights dtype; the method's sums are float64 whatever it is")
+    batch_tokens: int | None = execution_field(None, ge=1,
+                                               description="longest row x rows per forward batch (backend default 8192)")
+
+
 def run_dtype(params: Any, model: str | None = None) -> str:
     """The dtype a model stage really runs in: `auto` resolved as its engine resolves it.
 
@@ -234,6 +248,7 @@ class LoadedModels:
         self.params = params
         self.seed = seed
         self.pool_size = pool_size  # models this stage holds at once (a generator's `models:` pool)
+        self.kind = params.backend  # the registered backend that loads them (`curate.testing.use_scripted` swaps in `fake`)
         self._used: set[str] = set()
 
     def options(self) -> dict[str, Any]:
@@ -253,7 +268,7 @@ class LoadedModels:
         """The loaded backend of `model`, through the process cache (which may have closed and
         reloads it when memory was needed). Example: models.get(m).logprobs(items)"""
         self._used.add(model)
-        return open_backend(self.params.backend, model, **self.options())
+        return open_backend(self.kind, model, **self.options())
 
     def release(self) -> None:
         """Close every backend this stage loaded. Example: models.release()"""
@@ -261,7 +276,7 @@ class LoadedModels:
 
         options = self.options()
         for model in self._used:
-            backend = cached(self.params.backend, model, **options)
+            backend = cached(self.kind, model, **options)
             if backend is not None:
                 release_backend(backend)
         self._used.clear()
