@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Iterable, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from curate.errors import SchemaError
 
@@ -41,26 +41,42 @@ REASON = "reason"
 Kind = Literal["map", "filter", "model", "global"]
 
 
+EXECUTION = {"execution": True}  # the mark of an execution knob in a field's json_schema_extra
+
+
+def execution_field(default: Any, **kwargs: Any) -> Any:
+    """A params field that changes how a stage runs (batch sizes, devices, timeouts), never what it
+    outputs: it stays out of the stage key, so changing it re-runs nothing.
+
+    Example: batch_size: int = execution_field(64, ge=1, description="texts per embedding batch")
+    """
+    return Field(default, json_schema_extra=EXECUTION, **kwargs)
+
+
 class Params(BaseModel):
     """Base of every stage's params: unknown keys are refused, values are validated.
 
-    Fields whose `json_schema_extra` has `{"execution": True}` are execution knobs and stay out
-    of the stage key. Example: class P(Params): max_chars: int | None = None
+    Fields made with `execution_field` are execution knobs and stay out of the stage key.
+    Example: class P(Params): max_chars: int | None = None
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def execution_params(cls) -> set[str]:
+        """The names of the execution knobs (fields made with `execution_field`).
+
+        Example: ModelParams.execution_params() -> {'batch_size', 'timeout', ...}
+        """
+        return {name for name, field in cls.model_fields.items()
+                if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("execution")}
 
     def key_params(self) -> dict[str, Any]:
         """The params that change output, as plain JSON data (execution knobs left out).
 
         Example: LengthParams(max_chars=5).key_params() -> {'columns': [...], 'max_chars': 5, ...}
         """
-        knobs = {
-            name
-            for name, field in type(self).model_fields.items()
-            if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("execution")
-        }
-        return self.model_dump(mode="json", exclude=knobs)
+        return self.model_dump(mode="json", exclude=self.execution_params())
 
 
 class NoParams(Params):
@@ -149,7 +165,9 @@ class Stage:
         machine has CUDA; a remote server (`backend: openai`) and cheap stages ask for nothing.
         Example: judge.resources() -> {"GPU": 1} on a CUDA machine, {} on a CPU-only one
         """
-        if self.kind != "model" or getattr(self.params, "backend", None) not in ("vllm", "transformers"):
+        from curate.backends.registry import runs_in_process
+
+        if self.kind != "model" or not runs_in_process(getattr(self.params, "backend", None)):
             return {}
         from curate.backends.cache import cuda_available
 
@@ -332,3 +350,19 @@ def keep_all(n: int) -> tuple[pa.BooleanArray, pa.StringArray]:
     Example: keep_all(2) -> ([true, true], [null, null])
     """
     return pa.array([True] * n, pa.bool_()), pa.nulls(n, pa.string())
+
+
+def inside_cut(values: pa.Array, ids: pa.Array | pa.ChunkedArray, cut_value: pa.Scalar, cut_id: pa.Scalar,
+               side: Literal["below", "above"]) -> pa.BooleanArray:
+    """Rows on the kept side of a global (score, id) cut, as the quantile filters fit it: a score
+    strictly below (or above) the cut value, or equal to it with an id at most the cut's, so ties
+    at the cut go to the smaller ids whatever the parts. A null cut keeps nothing; null scores are False.
+
+    Example: inside_cut(pa.array([1., 2., 2.]), pa.array(["a", "b", "c"]), pa.scalar(2.), pa.scalar("b"), "below") -> [T, T, F]
+    """
+    if not cut_value.is_valid:
+        return pa.array([False] * len(values), pa.bool_())
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    beyond = (pc.less if side == "below" else pc.greater)(values, cut_value)
+    tied = pc.and_(pc.equal(values, cut_value), pc.less_equal(ids, cut_id))
+    return pc.fill_null(pc.or_(beyond, tied), False)

@@ -13,15 +13,14 @@ merged with the repo's other configs), and the run record (`pipeline.yaml`, `pla
 - *Retried*: every Hub call is retried with exponential backoff and jitter on 429, 412 (a
   concurrent commit moved the branch), 5xx and connection errors, honouring `Retry-After`.
 - *The token* comes from `HF_TOKEN` or the HF login (`huggingface_hub.get_token`); it is sent only
-  in the Authorization header. Log records and error messages are scrubbed of it, and a file about
-  to be pushed that contains it is refused.
+  in the Authorization header. Log records and error messages are scrubbed of it (`curate.redaction`,
+  which remembers it as a secret), and a file about to be pushed that contains it is refused.
 Leaves out: Xet-specific tuning (the library picks Xet or LFS itself) and pull requests.
 
 Example: push_run("out/quickstart", "me/quickstart-dpo", private=True)
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -30,11 +29,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 from curate.card import CARD_FILE, DEFAULT_CONFIG, data_pattern, render_card
 from curate.errors import ConfigError, CurateError
 from curate.record import PIPELINE_FILE, PLAN_FILE, STATS_FILE, Run, load_run
+from curate.redaction import redact, redacted_logs, remember_secret
 
 log = logging.getLogger(__name__)
 
@@ -108,43 +108,6 @@ class PushPlan:
         return [f for f in self.files if not f.send]
 
 
-# Token safety ---------------------------------------------------------------------------------
-
-
-def redact(text: str, token: str | None) -> str:
-    """`text` with the token replaced by `***`. Example: redact("bad hf_abc", "hf_abc") -> 'bad ***'"""
-    return text.replace(token, "***") if token else text
-
-
-class _Redact(logging.Filter):
-    def __init__(self, token: str):
-        super().__init__()
-        self.token = token
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if self.token in message:
-            record.msg, record.args = redact(message, self.token), None
-        return True
-
-
-@contextlib.contextmanager
-def redacted_logs(token: str | None) -> Iterator[None]:
-    """Scrub the token from every log record handled by the root and `huggingface_hub` handlers meanwhile."""
-    if not token:
-        yield
-        return
-    flt = _Redact(token)
-    handlers = list(logging.getLogger().handlers) + list(logging.getLogger("huggingface_hub").handlers)
-    for handler in handlers:
-        handler.addFilter(flt)
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            handler.removeFilter(flt)
-
-
 # Retries --------------------------------------------------------------------------------------
 
 
@@ -197,7 +160,8 @@ def _hub_error(what: str, exc: Exception, token: str | None, attempts: int) -> H
         message = f"{what} failed: {type(exc).__name__}: {exc}"
     if attempts > 1:
         message += f" (after {attempts} attempts)"
-    return HubError(redact(message, token))
+    remember_secret(token)
+    return HubError(redact(message))
 
 
 # Planning -------------------------------------------------------------------------------------
@@ -358,7 +322,7 @@ def push_run(out_dir: str, repo_id: str, *, private: bool = False, revision: str
     if token is None and not dry_run:
         raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
     api = HfApi(token=token, library_name="curate", library_version=__version__)
-    with redacted_logs(token):
+    with redacted_logs(token, loggers=("huggingface_hub",)):
         if not dry_run:
             _ensure_repo(api, repo_id, private, revision, retry, token)
         plan = plan_push(run, api, repo_id, revision, config, retry, token)

@@ -16,7 +16,8 @@ Modes (METHODS.md §1A, §2, §8.3, §8.5):
 Explicit drop reasons: `fewer_than_2_scores` (missing or NaN scores and null texts do not count),
 `tie` (all valid scores equal, or a pair with zero margin), `identical_texts`,
 `scores_length_mismatch`. Also `swap_pairs`: chosen and rejected swapped on flagged rows with every
-`*chosen*` / `*rejected*` column, as judges (relabel) and `filters.noise_em` (flip) need. Leaves out:
+`*chosen*` / `*rejected*` column, as judges (relabel) and `filters.noise_em` (flip) need, and
+`chosen_first`, the seeded presentation order of a pair judge. Leaves out:
 scoring itself (judges write the score lists).
 
 Example: - stage: pairs.from_scores
@@ -34,7 +35,7 @@ from pydantic import Field
 
 from curate.contract import RESPONSES, Params, Stage, StageOutput, put_columns, require, with_fields, with_reason
 from curate.errors import SchemaError
-from curate.keys import row_seed
+from curate.keys import row_coin, row_seed
 from curate.registry import register
 
 Mode = Literal["best_worst", "best_random", "best_random_other", "all_pairs"]
@@ -184,6 +185,13 @@ class PairFromScores(Stage):
 # Swapping chosen and rejected (judges' relabel, EM's flip) -------------------------------------------
 
 SIGNED_COLUMNS = ("margin", "spa_margin", "cdr_margin")  # negated when a pair is flipped (chosen − rejected differences)
+
+
+def chosen_first(row_id: str, stage_id: str, seed: int) -> bool:
+    """Whether a judge shows this row's chosen reply first: a fair coin seeded from (row id,
+    `<stage id>:order`, seed), so re-sharding changes nothing. Example: chosen_first("r1", "rationale", 0) -> True
+    """
+    return row_coin(row_id, f"{stage_id}:order", seed)
 
 
 def swap_pairs(table: pa.Table, flip: pa.BooleanArray) -> pa.Table:

@@ -139,9 +139,6 @@ class Plan:
         }
 
 
-MODEL_FIELDS = ("model", "models", "policy", "reference", "judge", "strong", "weak", "router")
-
-
 def model_run_info(stage: Any) -> dict[str, Any]:
     """What a model stage really runs with: `dtype` (`auto` resolved as its engine resolves it; a
     {model: dtype} map when its models differ) and, for stages with a `reference` (SPA, SCIR), the
@@ -154,12 +151,8 @@ def model_run_info(stage: Any) -> dict[str, Any]:
     from curate.backends.params import REFERENCE_FREE, reference_model, run_dtype
 
     params = stage.params
-    models: list[str] = []
-    for name in MODEL_FIELDS:
-        value = getattr(params, name, None)
-        for model in value if isinstance(value, list) else [value]:
-            if isinstance(model, str) and reference_model(model) is not None and model not in models:
-                models.append(model)
+    refs = stage.model_refs() if hasattr(stage, "model_refs") else [getattr(params, "model", None)]  # curate.model_stage
+    models = [m for m in dict.fromkeys(refs) if isinstance(m, str) and reference_model(m) is not None]
     dtypes = {model: run_dtype(params, model) for model in models} or {"": run_dtype(params)}
     distinct = set(dtypes.values())
     info: dict[str, Any] = {"dtype": distinct.pop() if len(distinct) == 1 else dtypes}

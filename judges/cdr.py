@@ -49,12 +49,13 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from curate.backends.base import ChatRequest, GenerationParams, ScoreItem, render_prompt
-from curate.backends.params import LoadedModels, ModelParams, identities, logprob_dtype_field, run_batched
+from curate.backends.params import ModelParams, logprob_dtype_field, run_batched
 from curate.backends.scoring import as_messages, response_tokens, sequence_logprobs
-from curate.contract import RESPONSES, Stage, StageOutput, put_columns, require, with_fields, with_reason
+from curate.contract import RESPONSES, StageOutput, put_columns, require, with_fields, with_reason
 from curate.errors import ConfigError, SchemaError
 from curate.judges.templates import BUILTIN_DIR, conversation_text, load_template, read_yaml
 from curate.keys import canonical_json, digest, row_seed
+from curate.model_stage import ModelStage
 from curate.pairing import swap_pairs
 from curate.registry import register
 
@@ -166,11 +167,10 @@ class CDRParams(ModelParams):
 
 
 @register
-class CDRJudge(Stage):
+class CDRJudge(ModelStage):
     """Density-ratio reward of strong over weak (module docstring). Example: - stage: judges.cdr"""
 
     name = "judges.cdr"
-    kind = "model"
     Params = CDRParams
     uses_seed = True
 
@@ -179,19 +179,16 @@ class CDRJudge(Stage):
         p = self.params
         self.texts = load_customization(p.customization) if p.customize != "none" else {"criteria": {}, "exemplars": {}}
         self.router_template = load_template(p.router_template, required=("prompt",)) if p.router else None
-        self.models = LoadedModels(p, seed)
 
     def model_refs(self) -> list[str]:
         """The models this stage loads: strong, weak and the router if any. Example: stage.model_refs()"""
         p = self.params
         return [p.strong, p.weak] + ([p.router] if p.router else [])
 
-    def key_material(self) -> dict[str, Any]:
-        p = self.params
-        return super().key_material() | {
-            "customization_hash": digest(canonical_json(self.texts)) if p.customize != "none" else None,
+    def key_texts(self) -> dict[str, Any]:
+        return super().key_texts() | {
+            "customization_hash": digest(canonical_json(self.texts)) if self.params.customize != "none" else None,
             "router_template_hash": self.router_template.hash if self.router_template else None,
-            "model_identity": identities(p, self.model_refs()),
         }
 
     def mode(self, schema: pa.Schema) -> str:
@@ -216,13 +213,6 @@ class CDRJudge(Stage):
                        "cdr_margin": pa.float64(), "cdr_agrees": pa.bool_()}
         fields |= {"cdr_strong_model": pa.string(), "cdr_weak_model": pa.string(), self.error_column: pa.string()}
         return with_fields(schema, fields)
-
-    def open(self) -> None:
-        for model in self.model_refs():
-            self.models.get(model)
-
-    def close(self) -> None:
-        self.models.release()
 
     # Steps 1 and 2 ------------------------------------------------------------------------
     def domains(self, table: pa.Table, prompts: list) -> tuple[list[str], list[str | None], Counter]:

@@ -32,14 +32,15 @@ from pydantic import Field
 
 from curate.agreement import agreement
 from curate.backends.base import ChatRequest, GenerationParams
-from curate.backends.params import LoadedModels, ModelParams, constrains, identities, run_batched
-from curate.contract import MESSAGES, Stage, StageOutput, put_columns, require, with_fields, with_reason
+from curate.backends.params import ModelParams, constrains, run_batched
+from curate.contract import MESSAGES, StageOutput, put_columns, require, with_fields, with_reason
 from curate.errors import ConfigError
 from curate.judges.icai import numbered
 from curate.judges.icai_stages import STRINGS, counters_of
 from curate.judges.templates import conversation_text, load_template
-from curate.keys import canonical_json, digest, row_coin, row_seed
-from curate.pairing import swap_pairs
+from curate.keys import canonical_json, digest, row_seed
+from curate.model_stage import ModelStage
+from curate.pairing import chosen_first, swap_pairs
 from curate.registry import register
 
 CHOICE = re.compile(r"(?<![a-z])\(?([ab])\)?(?![a-z])", re.IGNORECASE)
@@ -87,7 +88,7 @@ class ConstitutionParams(ModelParams):
 
 
 @register
-class ConstitutionJudge(Stage):
+class ConstitutionJudge(ModelStage):
     """Annotate pairs by a constitution, optionally beside a no-constitution annotator (module docstring).
 
     Example: - stage: judges.constitution
@@ -95,7 +96,6 @@ class ConstitutionJudge(Stage):
     """
 
     name = "judges.constitution"
-    kind = "model"
     Params = ConstitutionParams
     uses_seed = True
 
@@ -105,13 +105,11 @@ class ConstitutionJudge(Stage):
         self.template = load_template(p.template, required=("constitution", "prompt", "response_a", "response_b"))
         self.plain = load_template(p.baseline_template, required=("prompt", "response_a", "response_b")) if p.baseline else None
         self.principles = load_constitution(p.constitution) if p.constitution is not None else None
-        self.models = LoadedModels(p, seed)
 
-    def key_material(self) -> dict[str, Any]:
-        return super().key_material() | {
-            "template_hash": self.template.hash, "baseline_template_hash": self.plain.hash if self.plain else None,
-            "constitution_hash": digest(canonical_json(self.principles)) if self.principles is not None else None,
-            "model_identity": identities(self.params, [self.params.model])}
+    def key_texts(self) -> dict[str, Any]:
+        return super().key_texts() | {
+            "baseline_template_hash": self.plain.hash if self.plain else None,
+            "constitution_hash": digest(canonical_json(self.principles)) if self.principles is not None else None}
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         p = self.params
@@ -126,20 +124,10 @@ class ConstitutionJudge(Stage):
             fields |= {"icai_baseline_choice": pa.string(), "icai_baseline_agree": pa.bool_(), "icai_baseline_text": pa.string()}
         return with_fields(schema, fields | {"icai_annotator_model": pa.string(), self.error_column: pa.string()})
 
-    def open(self) -> None:
-        self.models.get(self.params.model)
-
-    def close(self) -> None:
-        self.models.release()
-
-    def chosen_first(self, row_id: str) -> bool:
-        """Whether the chosen reply is shown as (a) in this row (seeded from its id). Example: stage.chosen_first("r1")"""
-        return row_coin(row_id, f"{self.stage_id}:order", self.seed)
-
     def request(self, row_id: str, messages: list[dict], chosen: str, rejected: str, principles: list[str] | None) -> ChatRequest:
         """The annotator's request; `principles=None` gives the no-constitution annotator's."""
         p = self.params
-        first = self.chosen_first(row_id)
+        first = chosen_first(row_id, self.stage_id, self.seed)
         fields = {"prompt": conversation_text(messages), "response_a": chosen if first else rejected,
                   "response_b": rejected if first else chosen}
         text = self.plain.render(**fields) if principles is None else self.template.render(constitution=numbered(principles), **fields)
@@ -173,7 +161,7 @@ class ConstitutionJudge(Stage):
         counters: Counter = Counter(counters_of(answers), rows=n, annotated=len(todo))
         counters.update({a[3] + k: 0 for a in annotators for k in ("agree", "disagree", "unanswered", "picked_a")})
         for k, i in enumerate(todo):
-            first = self.chosen_first(rows[i][0])
+            first = chosen_first(rows[i][0], self.stage_id, self.seed)
             for choice_col, agree_col, text_col, label, offset in annotators:
                 answer = answers[offset + k]
                 letter = parse_choice(answer.text) if answer.error is None else None
@@ -187,7 +175,7 @@ class ConstitutionJudge(Stage):
         counters["row_errors"] = sum(e is not None for e in cols[self.error_column])
         schema = self.output_schema(table.schema)
         arrays = {name: pa.array(values, schema.field(name).type) for name, values in cols.items() if name in schema.names}
-        arrays |= {"icai_chosen_first": pa.array([self.chosen_first(r[0]) for r in rows], pa.bool_()),
+        arrays |= {"icai_chosen_first": pa.array([chosen_first(r[0], self.stage_id, self.seed) for r in rows], pa.bool_()),
                    "icai_annotator_model": pa.array([p.model] * n, pa.string())}
         out = put_columns(table, arrays).select(schema.names)
         if p.action == "mark":

@@ -30,8 +30,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.backends.base import ChatRequest, GenerationParams
-from curate.backends.params import EXECUTION, LoadedModels, ModelParams, constrains, identities, run_batched
-from curate.contract import MESSAGES, Params, Stage, StageOutput, put_columns, require, with_fields
+from curate.backends.params import ModelParams, constrains, run_batched
+from curate.contract import MESSAGES, Params, Stage, StageOutput, execution_field, put_columns, require, with_fields
 from curate.filters.near_dup import DEFAULT_EMBEDDER, embed, embedder_identity, load_embedder, release_embedders
 from curate.judges.icai import (
     Combine, chunks, combine_seeds, heldout, map_vote, numbered, parse_principles, parse_votes, propose_regex,
@@ -39,6 +39,7 @@ from curate.judges.icai import (
 )
 from curate.judges.templates import Template, conversation_text, load_template
 from curate.keys import row_coin, row_seed
+from curate.model_stage import ModelStage
 from curate.registry import register
 
 STRINGS = pa.list_(pa.string())
@@ -75,33 +76,21 @@ class ProposeParams(ModelParams):
 
 
 @register
-class ICAIPropose(Stage):
+class ICAIPropose(ModelStage):
     """Propose candidate principles per pair (module docstring). Example: - stage: judges.icai_propose"""
 
     name = "judges.icai_propose"
-    kind = "model"
     Params = ProposeParams
     uses_seed = True
 
     def __init__(self, params: ProposeParams | None = None, *, seed: int = 0, stage_id: str | None = None):
         super().__init__(params, seed=seed, stage_id=stage_id)
         self.template = load_template(self.params.template, required=("prompt", "preferred", "other", "count"))
-        self.models = LoadedModels(self.params, seed)
-
-    def key_material(self) -> dict[str, Any]:
-        return super().key_material() | {"template_hash": self.template.hash,
-                                         "model_identity": identities(self.params, [self.params.model])}
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require(schema, {"id": pa.string(), "prompt": MESSAGES, "chosen": pa.string(), "rejected": pa.string()}, self.name)
         return with_fields(schema, {"icai_split": pa.string(), "icai_candidates": STRINGS, "icai_propose_text": pa.string(),
                                     "icai_propose_model": pa.string(), self.error_column: pa.string()})
-
-    def open(self) -> None:
-        self.models.get(self.params.model)
-
-    def close(self) -> None:
-        self.models.release()
 
     def request(self, row_id: str, messages: list[dict], chosen: str, rejected: str) -> ChatRequest:
         """The proposal request of one pair. Example: stage.request("r1", msgs, "Yes.", "No.")"""
@@ -140,8 +129,8 @@ class EmbedParams(Params):
     """Params of judges.icai_embed. Example: EmbedParams(model="all-minilm-l6-v2")"""
 
     model: str = Field(DEFAULT_EMBEDDER, description="sentence-transformers model: built-in name or local folder")
-    batch_size: int = Field(64, ge=1, json_schema_extra=EXECUTION, description="texts per embedding batch")
-    device: str | None = Field(None, json_schema_extra=EXECUTION, description="torch device of the embedder (None: auto)")
+    batch_size: int = execution_field(64, ge=1, description="texts per embedding batch")
+    device: str | None = execution_field(None, description="torch device of the embedder (None: auto)")
 
 
 @register
@@ -192,34 +181,22 @@ class VoteParams(ModelParams):
 
 
 @register
-class ICAIVote(Stage):
+class ICAIVote(ModelStage):
     """Vote with every principle on every pair, several seeds (module docstring). Example: - stage: judges.icai_vote"""
 
     name = "judges.icai_vote"
-    kind = "model"
     Params = VoteParams
     uses_seed = True
 
     def __init__(self, params: VoteParams | None = None, *, seed: int = 0, stage_id: str | None = None):
         super().__init__(params, seed=seed, stage_id=stage_id)
         self.template = load_template(self.params.template, required=("prompt", "response_a", "response_b", "principles"))
-        self.models = LoadedModels(self.params, seed)
-
-    def key_material(self) -> dict[str, Any]:
-        return super().key_material() | {"template_hash": self.template.hash,
-                                         "model_identity": identities(self.params, [self.params.model])}
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require(schema, {"id": pa.string(), "prompt": MESSAGES, "chosen": pa.string(), "rejected": pa.string(),
                          "icai_principles": STRINGS}, self.name)
         return with_fields(schema, {"icai_votes": STRINGS, "icai_votes_by_seed": pa.list_(STRINGS),
                                     "icai_vote_texts": STRINGS, "icai_vote_model": pa.string(), self.error_column: pa.string()})
-
-    def open(self) -> None:
-        self.models.get(self.params.model)
-
-    def close(self) -> None:
-        self.models.release()
 
     def plan(self, row_id: str, count: int) -> list[tuple[str, int, list[int], bool]]:
         """(scope, seed, principle indices, flipped) per prompt of one row: shuffled per seed, chunked, A/B drawn.

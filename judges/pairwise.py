@@ -32,10 +32,11 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.backends.base import ChatRequest, GenerationParams
-from curate.backends.params import LoadedModels, ModelParams, constrains, identities, run_batched
-from curate.contract import MESSAGES, Stage, StageOutput, put_columns, require, with_fields, with_reason
+from curate.backends.params import ModelParams, constrains, run_batched
+from curate.contract import MESSAGES, StageOutput, put_columns, require, with_fields, with_reason
 from curate.judges.templates import conversation_text, load_template
 from curate.keys import row_seed
+from curate.model_stage import ModelStage
 from curate.pairing import swap_pairs
 from curate.registry import register
 
@@ -128,22 +129,16 @@ class PairwiseParams(ModelParams):
 
 
 @register
-class PairwiseJudge(Stage):
+class PairwiseJudge(ModelStage):
     """Judge two answers in both orders with k samples each (module docstring). Example: - stage: judges.pairwise"""
 
     name = "judges.pairwise"
-    kind = "model"
     Params = PairwiseParams
     uses_seed = True
 
     def __init__(self, params: PairwiseParams | None = None, *, seed: int = 0, stage_id: str | None = None):
         super().__init__(params, seed=seed, stage_id=stage_id)
         self.template = load_template(self.params.template, required=("prompt", "answer_1", "answer_2"))
-        self.models = LoadedModels(self.params, seed)
-
-    def key_material(self) -> dict[str, Any]:
-        return super().key_material() | {"template_hash": self.template.hash,
-                                         "model_identity": identities(self.params, [self.params.model])}
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         p = self.params
@@ -156,12 +151,6 @@ class PairwiseJudge(Stage):
             "fe_bpde": pa.float64(), "fe_swap_consistent": pa.bool_(), "fe_model": pa.string(),
             self.error_column: pa.string(),
         })
-
-    def open(self) -> None:
-        self.models.get(self.params.model)
-
-    def close(self) -> None:
-        self.models.release()
 
     def _request(self, row_id: str, order: str, messages: list[dict], first: str, second: str) -> ChatRequest:
         p = self.params

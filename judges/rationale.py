@@ -36,10 +36,12 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.backends.base import ChatRequest, Completion, GenerationParams
-from curate.backends.params import LoadedModels, ModelParams, identities, run_batched
-from curate.contract import MESSAGES, Stage, StageOutput, put_columns, require, with_fields, with_reason
+from curate.backends.params import ModelParams, run_batched
+from curate.contract import MESSAGES, StageOutput, put_columns, require, with_fields, with_reason
 from curate.judges.templates import conversation_text, load_template
-from curate.keys import row_coin, row_seed
+from curate.keys import row_seed
+from curate.model_stage import ModelStage
+from curate.pairing import chosen_first
 from curate.registry import register
 
 ROLE_LABEL = re.compile(r"\b(?:the\s+)?response\s*([12])\b", re.IGNORECASE)
@@ -114,7 +116,7 @@ class RationaleParams(ModelParams):
 
 
 @register
-class RationaleJudge(Stage):
+class RationaleJudge(ModelStage):
     """Write a rationale per pair and its training-time conditioning text (module docstring).
 
     Example: - stage: judges.rationale
@@ -122,7 +124,6 @@ class RationaleJudge(Stage):
     """
 
     name = "judges.rationale"
-    kind = "model"
     Params = RationaleParams
     uses_seed = True
 
@@ -132,11 +133,9 @@ class RationaleJudge(Stage):
         self.template = load_template(p.template or f"rationale_{p.style}",
                                       required=("prompt", "response_1", "response_2", "preferred"))
         self.conditioning = load_template(p.conditioning_template, required=("prompt", "chosen", "rejected"))
-        self.models = LoadedModels(p, seed)
 
-    def key_material(self) -> dict[str, Any]:
-        return super().key_material() | {"template_hash": self.template.hash, "conditioning_hash": self.conditioning.hash,
-                                         "model_identity": identities(self.params, [self.params.model])}
+    def key_texts(self) -> dict[str, Any]:
+        return super().key_texts() | {"conditioning_hash": self.conditioning.hash}
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require(schema, {"id": pa.string(), "prompt": MESSAGES, "chosen": pa.string(), "rejected": pa.string()}, self.name)
@@ -146,23 +145,13 @@ class RationaleJudge(Stage):
             self.error_column: pa.string(),
         })
 
-    def open(self) -> None:
-        self.models.get(self.params.model)
-
-    def close(self) -> None:
-        self.models.release()
-
-    def chosen_first(self, row_id: str) -> bool:
-        """The presentation order of one row, seeded from its id. Example: stage.chosen_first("r1") -> True"""
-        return row_coin(row_id, f"{self.stage_id}:order", self.seed)
-
     def conditioning_text(self, messages: list[dict], chosen: str, rejected: str) -> str:
         """`x_rat` of §3: the chosen reply above, the rejected one below. Example: stage.conditioning_text(m, "a", "b")"""
         return self.conditioning.render(prompt=conversation_text(messages), chosen=chosen, rejected=rejected)
 
     def request(self, row_id: str, messages: list[dict], chosen: str, rejected: str) -> ChatRequest:
         """The writer's request for one pair, in this row's presentation order. Example: stage.request("r1", m, "a", "b")"""
-        first = self.chosen_first(row_id)
+        first = chosen_first(row_id, self.stage_id, self.seed)
         text = self.template.render(prompt=conversation_text(messages), response_1=chosen if first else rejected,
                                     response_2=rejected if first else chosen, preferred="Response 1" if first else "Response 2")
         return ChatRequest([{"role": "user", "content": text}], self.params.generation,
@@ -184,7 +173,7 @@ class RationaleJudge(Stage):
         leaked, counters = [], Counter(rows=len(rows), rationales=0, row_errors=0, request_errors=0, leaked=0,
                                        truncated=0, tokens_generated=0)
         for i, (row_id, messages, chosen, rejected) in enumerate(rows):
-            answer, first = by_row.get(i), self.chosen_first(row_id)
+            answer, first = by_row.get(i), chosen_first(row_id, self.stage_id, self.seed)
             error = None if answer is not None else "null prompt, chosen or rejected"
             if answer is not None and answer.error is not None:
                 error, counters["request_errors"] = f"request failed: {answer.error}", counters["request_errors"] + 1

@@ -26,18 +26,19 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.backends.base import ScoreItem
-from curate.backends.params import REFERENCE_FREE, ImplicitRewardParams, LoadedModels, identities
+from curate.backends.params import REFERENCE_FREE, ImplicitRewardParams
 from curate.backends.scoring import as_messages, response_tokens, sequence_logprobs
-from curate.contract import MESSAGES, Stage, StageOutput, put_columns, require, with_fields, with_reason
+from curate.contract import MESSAGES, StageOutput, put_columns, require, with_fields, with_reason
 from curate.filters.spa import DPO_BETA, score_pairs
 from curate.judges.templates import conversation_text, load_template
+from curate.model_stage import ModelStage
 from curate.pairing import swap_pairs
 from curate.registry import register
 
@@ -80,17 +81,15 @@ class SCIRParams(ImplicitRewardParams):
 
 
 @register
-class SCIRFilter(Stage):
+class SCIRFilter(ModelStage):
     """Generative-judge vs implicit-reward consistency (module docstring). Example: - stage: judges.scir"""
 
     name = "judges.scir"
-    kind = "model"
     Params = SCIRParams
 
     def __init__(self, params: SCIRParams | None = None, *, seed: int = 0, stage_id: str | None = None):
         super().__init__(params, seed=seed, stage_id=stage_id)
         self.template = load_template(self.params.template, required=("prompt", "answer_1", "answer_2"))
-        self.models = LoadedModels(self.params, seed)
 
     @property
     def judge(self) -> str:
@@ -106,10 +105,6 @@ class SCIRFilter(Stage):
         p = self.params
         return list(dict.fromkeys(m for m in (p.policy, self.reference, self.judge) if m))
 
-    def key_material(self) -> dict[str, Any]:
-        return super().key_material() | {"template_hash": self.template.hash,
-                                         "model_identity": identities(self.params, self.model_refs())}
-
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require(schema, {"id": pa.string(), "prompt": MESSAGES, "chosen": pa.string(), "rejected": pa.string()}, self.name)
         return with_fields(schema, {
@@ -122,11 +117,7 @@ class SCIRFilter(Stage):
         if self.reference is None:
             log.warning("%s: reference: none; p_imp is σ(β·(LP(a) − LP(b))) under the policy alone, "
                         "not an implicit DPO reward (rows say scir_ref_model = 'none')", self.stage_id)
-        for model in self.model_refs():
-            self.models.get(model)
-
-    def close(self) -> None:
-        self.models.release()
+        super().open()
 
     def judge_items(self, messages: list[dict[str, str]], a: str, b: str) -> list[ScoreItem]:
         """Four scoring items: order ab answered A, B; order ba answered A, B."""

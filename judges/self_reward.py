@@ -19,16 +19,16 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Any
 
 import pyarrow as pa
 from pydantic import Field
 
 from curate.backends.base import ChatRequest, GenerationParams
-from curate.backends.params import LoadedModels, ModelParams, constrains, identities, run_batched
-from curate.contract import MESSAGES, RESPONSES, Stage, StageOutput, put_columns, require, with_fields
+from curate.backends.params import ModelParams, constrains, run_batched
+from curate.contract import MESSAGES, RESPONSES, StageOutput, put_columns, require, with_fields
 from curate.judges.templates import conversation_text, load_template
 from curate.keys import row_seed
+from curate.model_stage import ModelStage
 from curate.registry import register
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class SelfRewardParams(ModelParams):
 
 
 @register
-class SelfRewardJudge(Stage):
+class SelfRewardJudge(ModelStage):
     """Score every candidate with an LLM-as-judge on the additive 5-point scale (module docstring).
 
     Example: - stage: judges.self_reward
@@ -93,18 +93,12 @@ class SelfRewardJudge(Stage):
     """
 
     name = "judges.self_reward"
-    kind = "model"
     Params = SelfRewardParams
     uses_seed = True
 
     def __init__(self, params: SelfRewardParams | None = None, *, seed: int = 0, stage_id: str | None = None):
         super().__init__(params, seed=seed, stage_id=stage_id)
         self.template = load_template(self.params.template, required=("prompt", "response"))
-        self.models = LoadedModels(self.params, seed)
-
-    def key_material(self) -> dict[str, Any]:
-        return super().key_material() | {"template_hash": self.template.hash,
-                                         "model_identity": identities(self.params, [self.params.model])}
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require(schema, {"id": pa.string(), "prompt": MESSAGES, self.params.responses: RESPONSES}, self.name)
@@ -115,12 +109,6 @@ class SelfRewardJudge(Stage):
             "sr_model": pa.string(),
             self.error_column: pa.string(),
         })
-
-    def open(self) -> None:
-        self.models.get(self.params.model)
-
-    def close(self) -> None:
-        self.models.release()
 
     def requests(self, row_id: str, messages: list[dict], responses: list[dict]) -> list[ChatRequest]:
         """One judge request per candidate (n = samples), seeded from the row id and candidate index.

@@ -41,12 +41,13 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate.backends.base import GenerationParams
-from curate.backends.params import LoadedModels, ModelParams, identities, run_batched
-from curate.contract import MESSAGES, RESPONSES, Stage, StageOutput, put_columns, require, with_fields
+from curate.backends.params import ModelParams, run_batched
+from curate.contract import MESSAGES, RESPONSES, StageOutput, put_columns, require, with_fields
 from curate.errors import ConfigError
 from curate.judges.icai_stages import counters_of, judge_request
 from curate.judges.templates import BUILTIN_DIR, conversation_text, load_template, read_yaml
 from curate.keys import canonical_json, digest, row_seed
+from curate.model_stage import ModelStage
 from curate.registry import register
 
 FINE_GRAINED = ("instruction_following", "honesty", "truthfulness", "helpfulness")  # §8.3
@@ -188,7 +189,7 @@ class UltraFeedbackParams(ModelParams):
 
 
 @register
-class UltraFeedbackJudge(Stage):
+class UltraFeedbackJudge(ModelStage):
     """Rate all candidates of a row jointly per aspect, 1-5 with a rationale (module docstring).
 
     Example: - stage: judges.ultrafeedback
@@ -196,7 +197,6 @@ class UltraFeedbackJudge(Stage):
     """
 
     name = "judges.ultrafeedback"
-    kind = "model"
     Params = UltraFeedbackParams
     uses_seed = True
 
@@ -209,11 +209,9 @@ class UltraFeedbackJudge(Stage):
         if unknown:
             raise ConfigError(f"unknown aspects {unknown}; the aspects file has {sorted(known)}", where=p.aspects_file)
         self.rubrics = {a: known[a] for a in p.aspects}
-        self.models = LoadedModels(p, seed)
 
-    def key_material(self) -> dict[str, Any]:
-        return super().key_material() | {"template_hash": self.template.hash, "aspects_hash": digest(canonical_json(self.rubrics)),
-                                         "model_identity": identities(self.params, [self.params.model])}
+    def key_texts(self) -> dict[str, Any]:
+        return super().key_texts() | {"aspects_hash": digest(canonical_json(self.rubrics))}
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         p = self.params
@@ -228,12 +226,6 @@ class UltraFeedbackJudge(Stage):
         if OVERALL in p.aspects:
             fields["uf_overall"] = pa.list_(pa.float64())
         return with_fields(schema, fields | {"uf_model": pa.string(), self.error_column: pa.string()})
-
-    def open(self) -> None:
-        self.models.get(self.params.model)
-
-    def close(self) -> None:
-        self.models.release()
 
     def requests(self, row_id: str, messages: list[dict], texts: list[str]) -> list:
         """One request per aspect for the texts in the order shown. Example: len(stage.requests("r1", msgs, ["a", "b"])) -> 4"""

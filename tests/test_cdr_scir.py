@@ -8,12 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.backends.base import ScoreItem
 from curate.contract import MESSAGES
 from curate.errors import ConfigError
 from curate.judges.cdr import CDRJudge, CDRParams, customize, density_ratio, exemplar_text, load_customization, parse_domain
 from curate.judges.scir import SCIRFilter, SCIRParams, choice_probability, is_consistent, order_averaged
 from curate.pairing import choose_pairs
+from curate.testing import ScriptedBackend, use_scripted
 
 # CDR -----------------------------------------------------------------------------------------------
 
@@ -93,31 +93,10 @@ def test_vanilla_domain_leaves_chat_prompts_alone_and_customisation_enters_the_k
     assert stage.key_material()["customization_hash"] != plain.key_material()["customization_hash"]
 
 
-class FakeScorer:
-    """A scoring backend with fixed per-token log-probs, looked up by (prompt content, response)."""
-
-    def __init__(self, table: dict[tuple[str, str], list[float]], default: list[float] | None = None):
-        self.table, self.default, self.name = table, default, "fake"
-        self.seen: list[ScoreItem] = []
-
-    def logprobs(self, items: list[ScoreItem]) -> list[np.ndarray]:
-        self.seen += items
-        out = []
-        for item in items:
-            key = (item.prompt_text or item.messages[-1]["content"], item.response)
-            out.append(np.array(self.table.get(key, self.default), dtype=np.float64))
-        return out
-
-
 def _pairs(rows: list[tuple[str, str, str]]) -> pa.Table:
     return pa.table({"id": [f"p{i}" for i in range(len(rows))],
                      "prompt": pa.array([[{"role": "user", "content": q}] for q, _, _ in rows], MESSAGES),
                      "chosen": [c for _, c, _ in rows], "rejected": [r for _, _, r in rows]})
-
-
-def _with_models(stage, models: dict):
-    stage.models.get = lambda name: models[name]
-    return stage
 
 
 class CharTokenizer:
@@ -132,15 +111,15 @@ class CharTokenizer:
 
 
 def test_cdr_pair_rows_margin_agreement_and_relabel():
-    strong = FakeScorer({("user: q1\n\nassistant:", "good"): [-1.0, -2.0], ("user: q1\n\nassistant:", "bad"): [-4.0],
-                         ("user: q2\n\nassistant:", "x"): [-3.0], ("user: q2\n\nassistant:", "y"): [-1.0],
-                         ("user: q3\n\nassistant:", "s"): [-1.0], ("user: q3\n\nassistant:", "t"): [-1.0]})
+    strong = ScriptedBackend(logprobs={("user: q1\n\nassistant:", "good"): [-1.0, -2.0], ("user: q1\n\nassistant:", "bad"): [-4.0],
+                                       ("user: q2\n\nassistant:", "x"): [-3.0], ("user: q2\n\nassistant:", "y"): [-1.0],
+                                       ("user: q3\n\nassistant:", "s"): [-1.0], ("user: q3\n\nassistant:", "t"): [-1.0]})
     strong.tokenizer = CharTokenizer()
-    weak = FakeScorer({("user: q1\n\nassistant:", "good"): [-1.5, -3.0], ("user: q1\n\nassistant:", "bad"): [-2.0]},
-                      default=[-1.0])
+    weak = ScriptedBackend(logprobs={("user: q1\n\nassistant:", "good"): [-1.5, -3.0], ("user: q1\n\nassistant:", "bad"): [-2.0]},
+                           default=[-1.0])
     table = _pairs([("q1", "good", "bad"), ("q2", "x", "y"), ("q3", "s", "t")])
     stage = CDRJudge(CDRParams(strong="s", weak="w", action="relabel"))
-    _with_models(stage, {"s": strong, "w": weak})
+    use_scripted(stage, {"s": strong, "w": weak})
     out = stage.apply(table)
     rows = out.table.to_pylist()
     assert [r["id"] for r in rows] == ["p0", "p1"]
@@ -187,8 +166,8 @@ def test_scir_stage_keeps_consistent_rows_relabels_and_drops_the_rest():
         judge_lp[(ba.messages[0]["content"], "B")] = [math.log(1 - p_ba), -0.1]
         policy_lp[(q, a)] = [_logit(p_imp) / beta]
         policy_lp[(q, b)] = [0.0]
-    both = FakeScorer(judge_lp | policy_lp)
-    _with_models(stage, {"pol": both})
+    both = ScriptedBackend(logprobs=judge_lp | policy_lp)
+    use_scripted(stage, {"pol": both})
     out = stage.apply(_pairs([(q, a, b) for q, a, b, _, _ in cases]))
     rows = {r["id"]: r for r in out.table.to_pylist()}
     assert set(rows) == {"p0", "p2"}

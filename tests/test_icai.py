@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.backends.base import Completion
 from curate.contract import MESSAGES
 from curate.judges.constitution import ConstitutionJudge, ConstitutionParams, evaluation, load_constitution, parse_choice
 from curate.judges.icai import (
@@ -18,6 +17,7 @@ from curate.judges.icai import (
 )
 from curate.judges.icai_fit import ICAICluster, ICAIFilter, ClusterParams, FilterParams, cluster_candidates, principle_table
 from curate.judges.icai_stages import ICAIPropose, ICAIVote, ProposeParams, VoteParams
+from curate.testing import ScriptedBackend, use_scripted
 
 # §4 (f) hand-checkable cases ---------------------------------------------------------------------------
 
@@ -136,27 +136,6 @@ def test_cluster_stage_fit_does_not_depend_on_the_parts():
 # Stages on a scripted judge (plumbing; the evidence is the real runs below) -------------------------------
 
 
-class ScriptedJudge:
-    """A chat backend whose answers are computed from the prompt text; records every request."""
-
-    name = "scripted"
-
-    def __init__(self, answer):
-        self.answer, self.requests = answer, []
-
-    def generate(self, requests):
-        self.requests += requests
-        return [[Completion(self.answer(r.messages[-1]["content"]), "stop", 5, 50, self.name)] for r in requests]
-
-    def close(self):
-        pass
-
-
-def _use(stage, backend):
-    stage.models.get = lambda name: backend
-    return stage
-
-
 def _vote_answer(prompt: str) -> str:
     """Rule 'shorter' picks the reply containing GOOD; any other rule: None."""
     a = prompt.split("<A>")[1].split("</A>")[0]
@@ -169,8 +148,8 @@ def test_vote_stage_shuffles_chunks_flips_and_maps_back():
     principles = ["Select the response that is shorter.", "Select the response that rhymes.", "Select the response that is shorter too."]
     table = _pairs(4, {"icai_principles": pa.array([principles] * 4, pa.list_(pa.string())),
                        "icai_split": pa.array(["train", "train", "train", "test"])})
-    judge = ScriptedJudge(_vote_answer)
-    stage = _use(ICAIVote(VoteParams(model="m", seeds=3, max_per_prompt=2, backend="transformers")), judge)
+    judge = ScriptedBackend(_vote_answer)
+    stage = use_scripted(ICAIVote(VoteParams(model="m", seeds=3, max_per_prompt=2, backend="transformers")), judge)
     out = stage.apply(table)
     rows = out.table.to_pylist()
     assert len(judge.requests) == 3 * 3 * 2  # 3 training rows x 3 seeds x 2 chunks (2 + 1 rules)
@@ -185,8 +164,8 @@ def test_vote_stage_shuffles_chunks_flips_and_maps_back():
 
 
 def test_propose_stage_holds_out_rows_and_parses_replies():
-    judge = ScriptedJudge(lambda prompt: '{"principles": ["Select the response that is shorter.", "Select the response that is kind."]}')
-    stage = _use(ICAIPropose(ProposeParams(model="m", principles=2, holdout=0.5, backend="transformers")), judge)
+    judge = ScriptedBackend(lambda prompt: '{"principles": ["Select the response that is shorter.", "Select the response that is kind."]}')
+    stage = use_scripted(ICAIPropose(ProposeParams(model="m", principles=2, holdout=0.5, backend="transformers")), judge)
     rows = stage.apply(_pairs(20)).table.to_pylist()
     test = [r for r in rows if r["icai_split"] == "test"]
     assert 0 < len(test) < 20 and len(judge.requests) == 20 - len(test)
@@ -206,9 +185,9 @@ def _annotate(prompt: str) -> str:
 
 def test_constitution_judge_evaluates_against_the_plain_annotator_and_relabels():
     table = _pairs(40)
-    judge = ScriptedJudge(_annotate)
-    stage = _use(ConstitutionJudge(ConstitutionParams(model="m", constitution=["Select the response that is shorter."],
-                                                      baseline=True, backend="transformers")), judge)
+    judge = ScriptedBackend(_annotate)
+    stage = use_scripted(ConstitutionJudge(ConstitutionParams(model="m", constitution=["Select the response that is shorter."],
+                                                              baseline=True, backend="transformers")), judge)
     out = stage.apply(table)
     c = out.counters
     assert c["agree"] == 40 and c["disagree"] == 0
@@ -218,8 +197,8 @@ def test_constitution_judge_evaluates_against_the_plain_annotator_and_relabels()
     assert result["constitution"]["share"] == 1.0 and result["no_constitution"]["share"] == first / 40
     flipped = _pairs(4).set_column(2, "chosen", pa.array([f"a much longer and worse answer {i}" for i in range(4)]))
     flipped = flipped.set_column(3, "rejected", pa.array([f"GOOD short {i}" for i in range(4)]))
-    relabel = _use(ConstitutionJudge(ConstitutionParams(model="m", constitution=["Select the response that is shorter."],
-                                                        action="relabel", backend="transformers")), ScriptedJudge(_annotate))
+    relabel = use_scripted(ConstitutionJudge(ConstitutionParams(model="m", constitution=["Select the response that is shorter."],
+                                                                action="relabel", backend="transformers")), ScriptedBackend(_annotate))
     out = relabel.apply(flipped)
     assert out.table.column("chosen").to_pylist() == [f"GOOD short {i}" for i in range(4)] and out.counters["relabelled"] == 4
 
@@ -289,7 +268,7 @@ def test_icai_pipeline_publishes_the_artifacts_with_a_scripted_judge(tmp_path, m
     from curate.record import load_run
     from curate.runner import run_pipeline
 
-    judge = ScriptedJudge(_scripted_everything)
+    judge = ScriptedBackend(_scripted_everything)
     monkeypatch.setattr("curate.backends.params.open_backend", lambda kind, model, **options: judge)
     _write_pairs(tmp_path / "pairs.jsonl", 24)
     text = f"source: {{path: {tmp_path / 'pairs.jsonl'}, part_rows: 10}}\nstages:" + ICAI_STAGES.format(clusters=3)
@@ -321,7 +300,7 @@ def test_mine_principles_on_polars_and_pandas_frames_with_a_scripted_judge(monke
 
     from curate.judges.icai_library import mine_principles
 
-    monkeypatch.setattr("curate.backends.params.open_backend", lambda kind, model, **o: ScriptedJudge(_scripted_everything))
+    monkeypatch.setattr("curate.backends.params.open_backend", lambda kind, model, **o: ScriptedBackend(_scripted_everything))
     rows = [{"text_a": f"a much longer and worse answer {i}", "text_b": f"GOOD short {i}", "preferred": "b", "prompt": f"q{i}"}
             for i in range(12)] + [{"text_a": "x", "text_b": "y", "preferred": "tie", "prompt": "q"}]
     for frame in (pl.DataFrame(rows), pd.DataFrame(rows)):

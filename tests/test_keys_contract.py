@@ -60,3 +60,21 @@ def test_conform_orders_columns_and_refuses_undeclared_ones():
     assert conform(t, schema, "s").schema == schema
     with pytest.raises(StageError, match="undeclared \\['c'\\]"):
         conform(t.append_column("c", pa.array([1])), schema, "s")
+
+
+def test_execution_fields_stay_out_of_the_key_and_are_listed():
+    from curate.backends.params import ModelParams
+    from curate.contract import Params, execution_field
+    from curate.filters.near_dup import NearDupParams
+
+    class P(Params):
+        a: int = 1
+        batch: int = execution_field(8, ge=1, description="rows per batch")
+
+    assert P.execution_params() == {"batch"}
+    assert P(batch=2).key_params() == P(batch=64).key_params() == {"a": 1}
+    with pytest.raises(ValueError):
+        P(batch=0)  # the field's own constraints still apply
+    assert ModelParams.execution_params() == {"batch_size", "max_concurrency", "timeout", "max_retries",
+                                              "gpu_memory_utilization", "trust_remote_code"}
+    assert NearDupParams.execution_params() == {"batch_size", "block", "device"}

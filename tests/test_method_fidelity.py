@@ -19,7 +19,8 @@ from curate.backends.base import ChatRequest, Completion, GenerationParams, enco
 from curate.backends.params import backend_options
 from curate.contract import MESSAGES
 from curate.pairing import choose_pairs
-from tests.test_cdr_scir import FakeScorer, _pairs, _with_models
+from curate.testing import ScriptedBackend, use_scripted
+from tests.test_cdr_scir import _pairs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,7 +64,7 @@ def test_spa_and_scir_refuse_a_missing_reference():
         with pytest.raises(ValidationError, match="reference"):
             params(**fields)
     assert SPAScore(SPAScoreParams(policy="p", reference="none")).reference is None
-    assert SPAScore(SPAScoreParams(policy="p", reference="/m/sft"))._roles() == ["p", "/m/sft"]
+    assert SPAScore(SPAScoreParams(policy="p", reference="/m/sft")).model_refs() == ["p", "/m/sft"]
     assert SCIRFilter(SCIRParams(policy="p", reference="None")).model_refs() == ["p"]
 
 
@@ -93,8 +94,8 @@ def test_scir_keeps_p_imp_when_the_judge_cannot_score_the_row():
     from curate.judges.scir import SCIRFilter, SCIRParams
 
     stage = SCIRFilter(SCIRParams(policy="pol", reference="none", action="mark"))
-    policy = FakeScorer({("q0", "a0"): [-1.0], ("q0", "b0"): [-3.0]}, default=[-0.5])
-    _with_models(stage, {"pol": policy})
+    policy = ScriptedBackend(logprobs={("q0", "a0"): [-1.0], ("q0", "b0"): [-3.0]}, default=[-0.5])
+    use_scripted(stage, {"pol": policy})
     stage.generative = lambda prompts, a, b: ([None], ["judge: prompt too long"])  # the judge failed on the row
     row = stage.apply(_pairs([("q0", "a0", "b0")])).table.to_pylist()[0]
     assert row["scir_p_gen"] is None and row["scir_consistent"] is None
@@ -333,12 +334,12 @@ def test_spa_rewards_of_candidates_by_hand_then_max_min_pairs():
     from curate.filters.spa import SPAScore, SPAScoreParams
     from curate.pairing import PairFromScores, PairParams
 
-    policy = FakeScorer({("q0", "a"): [-1.0, -0.5], ("q0", "b"): [-4.0], ("q0", "c"): [-2.0],
-                         ("q1", "x"): [-1.0], ("q1", "y"): [-1.0]})
-    reference = FakeScorer({("q0", "a"): [-3.0], ("q0", "b"): [-1.0], ("q0", "c"): [-2.5],
-                            ("q1", "x"): [-2.0], ("q1", "y"): [-0.5]})
+    policy = ScriptedBackend(logprobs={("q0", "a"): [-1.0, -0.5], ("q0", "b"): [-4.0], ("q0", "c"): [-2.0],
+                                       ("q1", "x"): [-1.0], ("q1", "y"): [-1.0]})
+    reference = ScriptedBackend(logprobs={("q0", "a"): [-3.0], ("q0", "b"): [-1.0], ("q0", "c"): [-2.5],
+                                          ("q1", "x"): [-2.0], ("q1", "y"): [-0.5]})
     stage = SPAScore(SPAScoreParams(policy="pol", reference="ref"), stage_id="spa")
-    _with_models(stage, {"pol": policy, "ref": reference})
+    use_scripted(stage, {"pol": policy, "ref": reference})
     table = _candidate_rows([("q0", ["a", "b", "c"]), ("q1", ["x", None, "y"])])
     assert stage.mode(table.schema) == "candidates"
     assert stage.output_schema(table.schema).field("spa_rewards").type == pa.list_(pa.float64())

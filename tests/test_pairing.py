@@ -96,3 +96,23 @@ def test_stage_refuses_non_numeric_scores():
 
     with pytest.raises(SchemaError, match="list of numbers"):
         PairFromScores(PairParams()).output_schema(table.schema)
+
+
+def test_chosen_first_is_the_seeded_order_both_pair_judges_show():
+    from curate.judges.constitution import ConstitutionJudge, ConstitutionParams
+    from curate.judges.rationale import RationaleJudge, RationaleParams
+    from curate.pairing import chosen_first
+
+    # Pinned: these orders are in every rationale / constitution run made so far; a change re-orders them.
+    assert [int(chosen_first(f"r{i}", "rationale", 0)) for i in range(16)] == [0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 0, 0, 1, 0]
+    assert [int(chosen_first(f"r{i}", "constitution", 3)) for i in range(16)] == [0, 0, 0, 1, 0, 0, 1, 1, 0, 1, 1, 1, 0, 0, 1, 0]
+    rationale = RationaleJudge(RationaleParams(model="m", backend="transformers"), seed=0)
+    shown = [rationale.request(f"r{i}", [{"role": "user", "content": "q"}], "CHOSEN", "REJECTED").messages[0]["content"]
+             for i in range(16)]
+    assert [int(text.index("CHOSEN") < text.index("REJECTED")) for text in shown] == \
+        [int(chosen_first(f"r{i}", "rationale", 0)) for i in range(16)]
+    judge = ConstitutionJudge(ConstitutionParams(model="m", backend="transformers", constitution=["Be kind."]), seed=3)
+    shown = [judge.request(f"r{i}", [{"role": "user", "content": "q"}], "CHOSEN", "REJECTED", ["Be kind."]).messages[0]["content"]
+             for i in range(16)]
+    assert [int(text.index("CHOSEN") < text.index("REJECTED")) for text in shown] == \
+        [int(chosen_first(f"r{i}", "constitution", 3)) for i in range(16)]

@@ -5,11 +5,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.backends.base import Completion
 from curate.contract import MESSAGES
 from curate.judges.rationale import (
     RationaleJudge, RationaleParams, copies_response, dpo_term, edit_distance, rdpo_loss, rdpo_rationale_term, refer_by_role,
 )
+from curate.pairing import chosen_first
+from curate.testing import ScriptedBackend, use_scripted
 
 
 def test_rdpo_rationale_term_of_methods():
@@ -35,20 +36,6 @@ def test_refer_by_role_follows_the_order_the_writer_saw():
     assert refer_by_role(text, chosen_first=True).startswith("The preferred response is rude")
 
 
-class ScriptedWriter:
-    name = "scripted"
-
-    def __init__(self, answer):
-        self.answer, self.requests = answer, []
-
-    def generate(self, requests):
-        self.requests += requests
-        return [[Completion(self.answer(r.messages[0]["content"]), "stop", 7, 40, self.name)] for r in requests]
-
-    def close(self):
-        pass
-
-
 def _pairs(rows: list[tuple[str, str, str]]) -> pa.Table:
     return pa.table({"id": [f"r{i}" for i in range(len(rows))],
                      "prompt": pa.array([[{"role": "user", "content": q}] for q, _, _ in rows], MESSAGES),
@@ -65,9 +52,8 @@ def test_stage_randomises_order_rewrites_labels_drops_copies_and_writes_x_rat():
         preferred = "Response 1" if "preferred Response 1" in prompt else "Response 2"
         return f"{preferred} is careful and polite; the other one is rude."
 
-    writer = ScriptedWriter(answer)
-    stage = RationaleJudge(RationaleParams(model="scripted/writer", backend="transformers", style="specific"))
-    stage.models.get = lambda name: writer
+    writer = ScriptedBackend(answer)
+    stage = use_scripted(RationaleJudge(RationaleParams(model="scripted/writer", backend="transformers", style="specific")), writer)
     out = stage.apply(_pairs(rows))
     kept = out.table.to_pylist()
     assert len(kept) == 30 and out.rejected.column("reason").to_pylist() == ["rationale_copies_response"]
@@ -82,7 +68,7 @@ def test_stage_randomises_order_rewrites_labels_drops_copies_and_writes_x_rat():
     shown = {r.messages[0]["content"].index("careful") < r.messages[0]["content"].index("rude") for r in writer.requests[:30]}
     assert shown == {True, False}
     again = RationaleJudge(RationaleParams(model="scripted/writer", backend="transformers", style="specific"))
-    assert [again.chosen_first(f"r{i}") for i in range(30)] == [r["rationale_chosen_first"] for r in kept]
+    assert [chosen_first(f"r{i}", again.stage_id, again.seed) for i in range(30)] == [r["rationale_chosen_first"] for r in kept]
 
 
 def test_template_text_is_hashed_into_the_key(tmp_path):

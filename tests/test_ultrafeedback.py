@@ -14,7 +14,7 @@ from curate.errors import ConfigError
 from curate.judges.ultrafeedback import (UltraFeedbackJudge, UltraFeedbackParams, candidate_means, listwise_regex, map_back,
                                          monotone_in_position, parse_ratings, presentation_order)
 from curate.pairing import PairFromScores, PairParams
-from tests.test_icai import ScriptedJudge  # replies computed from the prompt text; records every request
+from curate.testing import ScriptedBackend, use_scripted  # replies computed from the prompt text; records every request
 
 
 def _rows(texts_per_row: list[list[str | None]], ids: list[str] | None = None) -> pa.Table:
@@ -42,9 +42,7 @@ def rate_by_content(prompt: str) -> str:
 
 
 def _judge(scripted, **params) -> UltraFeedbackJudge:
-    stage = UltraFeedbackJudge(UltraFeedbackParams(model="scripted", **params), seed=3, stage_id="uf")
-    stage.models.get = lambda name: scripted
-    return stage
+    return use_scripted(UltraFeedbackJudge(UltraFeedbackParams(model="scripted", **params), seed=3, stage_id="uf"), scripted)
 
 
 # §8.3 hand cases ------------------------------------------------------------------------------------------
@@ -68,7 +66,7 @@ def test_methods_hand_case_chosen_is_first_max_rejected_uniform_among_the_others
 
 def test_order_is_shuffled_once_per_row_and_ratings_map_back_to_the_original_order():
     texts = [[f"cand {j} q={h}{o}" for j, (h, o) in enumerate([(5, 4), (3, 3), (4, 5), (2, 2)])] for _ in range(6)]
-    backend = ScriptedJudge(rate_by_content)
+    backend = ScriptedBackend(rate_by_content)
     stage = _judge(backend, aspects=["helpfulness", "honesty"])
     table = _rows(texts)
     out = stage.apply(table)
@@ -85,7 +83,7 @@ def test_order_is_shuffled_once_per_row_and_ratings_map_back_to_the_original_ord
         for request in backend.requests[2 * i: 2 * i + 2]:
             assert shown_texts(request.messages[-1]["content"]) == [texts[i][j] for j in row["uf_order"]]
     # seeded from the row id: the same ids in another sharding and position get the same order
-    again = _judge(ScriptedJudge(rate_by_content), aspects=["helpfulness", "honesty"]).apply(table.slice(3).take([2, 0, 1]))
+    again = _judge(ScriptedBackend(rate_by_content), aspects=["helpfulness", "honesty"]).apply(table.slice(3).take([2, 0, 1]))
     by_id = {r["id"]: r["uf_order"] for r in rows}
     assert all(by_id[r["id"]] == r["uf_order"] for r in again.table.to_pylist())
     assert out.counters["parse_failures"] == 0 and out.counters["requests"] == 12 and out.counters["rated_candidates"] == 24
@@ -98,11 +96,11 @@ def test_a_judge_rating_by_position_is_counted():
     def by_position(prompt: str) -> str:
         return "\n".join(f"Text {k}\nRating: {k}\nRationale: it is number {k}" for k in range(1, len(shown_texts(prompt)) + 1))
 
-    out = _judge(ScriptedJudge(by_position), aspects=["overall"]).apply(_rows([["a", "b", "c"], ["d", "e"], ["f", "g", "h"]]))
+    out = _judge(ScriptedBackend(by_position), aspects=["overall"]).apply(_rows([["a", "b", "c"], ["d", "e"], ["f", "g", "h"]]))
     assert out.counters["monotone_in_position"] == 2  # two replies with K >= 3
     assert monotone_in_position([5.0, 3.0, 1.0]) and not monotone_in_position([1.0, 1.0, 2.0])
     assert not monotone_in_position([1.0, 2.0]) and not monotone_in_position([1.0, None, 3.0])
-    assert _judge(ScriptedJudge(rate_by_content), aspects=["overall"]).apply(_rows([["a q=11"] * 3])).counters["monotone_in_position"] == 0
+    assert _judge(ScriptedBackend(rate_by_content), aspects=["overall"]).apply(_rows([["a q=11"] * 3])).counters["monotone_in_position"] == 0
 
 
 def test_presentation_order_and_map_back():
@@ -145,7 +143,7 @@ def test_parse_failures_and_failed_requests_are_row_errors():
             return "I think they are all good."
         return rate_by_content(prompt)
 
-    backend = ScriptedJudge(reply)
+    backend = ScriptedBackend(reply)
     stage = _judge(backend, aspects=["helpfulness", "honesty"])
     out = stage.apply(_rows([["a q=51", "b q=22"], ["c q=33", "d q=44"], ["e q=55", None], []]))
     rows = {r["id"]: r for r in out.table.to_pylist()}
@@ -159,16 +157,13 @@ def test_parse_failures_and_failed_requests_are_row_errors():
     assert rows["r3"]["uf_error"] == "no candidate text to rate" and rows["r3"]["uf_mean"] == []
     assert out.counters["parse_failures"] == 3 and out.counters["row_errors"] == 3 and out.counters["requests"] == 6
 
-    class Failing(ScriptedJudge):
-        def generate(self, requests):
-            return [[Completion(None, None, 0, 0, self.name, error="prompt too long")] for _ in requests]
-
-    failed = _judge(Failing(reply), aspects=["overall"]).apply(_rows([["a", "b"]])).table.to_pylist()[0]
+    failing = ScriptedBackend(lambda prompt: Completion(None, None, 0, 0, "scripted", error="prompt too long"))
+    failed = _judge(failing, aspects=["overall"]).apply(_rows([["a", "b"]])).table.to_pylist()[0]
     assert failed["uf_error"] == "overall: request failed: prompt too long" and failed["uf_overall"] == [None, None]
 
 
 def test_columns_overall_and_constraint_follow_the_params():
-    backend = ScriptedJudge(rate_by_content)
+    backend = ScriptedBackend(rate_by_content)
     stage = _judge(backend, aspects=["overall"], generation={"max_tokens": 120, "temperature": 0.0})
     schema = stage.output_schema(_rows([["a"]]).schema)
     assert "uf_overall" in schema.names and schema.field("uf_ratings").type == pa.struct([("overall", pa.list_(pa.float64()))])

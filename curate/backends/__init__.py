@@ -5,7 +5,8 @@
 - `ScoringBackend.logprobs(items)` (vLLM prompt log-probs, transformers) and
   `ScoringBackend.hidden_states(items)` (transformers) over the response span of METHODS.md §0.
 - `open_backend(kind, model, ...)` loads a model once per process and hands the same object to
-  every stage and part that asks for it; `close_backends()` frees them all.
+  every stage and part that asks for it; `close_backends()` frees them all. Which class a `kind`
+  names is the registry's (`curate.backends.registry`; `fake` is `curate.testing`'s scripted one).
 
 Example: with open_backend("vllm", "smollm2-135m-instruct") as b: b.generate([ChatRequest(...)])
 """

@@ -22,6 +22,8 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+from curate.backends.registry import build_backend, runs_in_process
+
 log = logging.getLogger(__name__)
 
 _CACHE: "OrderedDict[tuple, Any]" = OrderedDict()  # least recently used first
@@ -42,28 +44,13 @@ def cuda_available() -> bool:
 
 
 def _construct(kind: str, model: str, options: dict[str, Any]) -> Any:
-    if kind == "vllm":
-        from curate.backends.vllm_engine import VLLMBackend
-
-        return VLLMBackend(model, **options)
-    if kind == "transformers":
-        from curate.backends.hf import HFBackend
-
-        return HFBackend(model, **options)
-    if kind == "openai":
-        from curate.backends.openai_compat import OpenAIBackend
-
-        return OpenAIBackend(model, **options)
-    if kind == "embedder":
-        from sentence_transformers import SentenceTransformer
-
-        return SentenceTransformer(model, device=options.get("device"), local_files_only=True)
-    raise ValueError(f"unknown backend '{kind}' (vllm, transformers, openai, embedder)")
+    """Build a backend through the registry (`curate.backends.registry`)."""
+    return build_backend(kind, model, options)
 
 
 def _weights_bytes(kind: str, model: str) -> int:
-    """Size of a model's weight files on disk (0 for remote servers or unknown references)."""
-    if kind == "openai":
+    """Size of a model's weight files on disk (0 for remote servers, scripted fakes or unknown references)."""
+    if not runs_in_process(kind):
         return 0
     path = model
     if not os.path.exists(path):

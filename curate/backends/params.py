@@ -15,9 +15,8 @@ from typing import Any, Literal
 from pydantic import Field, SerializationInfo, field_serializer, field_validator, model_validator
 
 from curate.backends.base import GenerationParams, open_backend, release_backend
-from curate.contract import Params
+from curate.contract import Params, execution_field
 
-EXECUTION = {"execution": True}
 LOGPROB_DTYPE = "float32"  # METHODS.md §2: log-prob methods score in fp32 (bf16 is off by up to 0.19 nats here)
 STRUCTURED_BACKENDS = ("vllm", "openai")  # engines that carry a regex / choice constraint (vLLM; vLLM servers)
 REFERENCE_FREE = "none"  # `reference: none`: an implicit-reward method runs without a reference model
@@ -61,16 +60,14 @@ class ModelParams(Params):
     dtype: str = Field("auto", description="weights dtype (auto, float32, bfloat16, float16)")
     max_model_len: int | None = Field(4096, ge=16, description="context length; longer prompts are row errors")
     base_url: str | None = Field(None, description="openai backend: server URL ending in /v1")
-    batch_size: int | None = Field(None, ge=1, json_schema_extra=EXECUTION,
-                                   description="requests per engine call (default: the whole part)")
-    max_concurrency: int = Field(16, ge=1, json_schema_extra=EXECUTION, description="openai backend: requests in flight")
-    timeout: float = Field(120.0, gt=0, json_schema_extra=EXECUTION, description="openai backend: seconds per request")
-    max_retries: int = Field(5, ge=0, json_schema_extra=EXECUTION, description="openai backend: retries per request")
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, json_schema_extra=EXECUTION,
-                                                 description="vllm on CUDA: share of GPU memory per engine")
-    trust_remote_code: bool = Field(False, json_schema_extra=EXECUTION,
-                                    description="vllm / transformers: run the Python code a model folder ships "
-                                                "(off unless set here; logged when on)")
+    batch_size: int | None = execution_field(None, ge=1, description="requests per engine call (default: the whole part)")
+    max_concurrency: int = execution_field(16, ge=1, description="openai backend: requests in flight")
+    timeout: float = execution_field(120.0, gt=0, description="openai backend: seconds per request")
+    max_retries: int = execution_field(5, ge=0, description="openai backend: retries per request")
+    gpu_memory_utilization: float | None = execution_field(None, gt=0, le=1,
+                                                           description="vllm on CUDA: share of GPU memory per engine")
+    trust_remote_code: bool = execution_field(False, description="vllm / transformers: run the Python code a model "
+                                                                "folder ships (off unless set here; logged when on)")
 
     @field_validator("base_url")
     @classmethod
@@ -117,6 +114,20 @@ class ImplicitRewardParams(ModelParams):
     def ref_model(self) -> str | None:
         """The reference model to load, or None for `reference: none`. Example: params.ref_model"""
         return reference_model(self.reference)
+
+
+class HiddenStateParams(Params):
+    """Params shared by the stages that read a model's last hidden states (CHES, DONOD): one model
+    through transformers (the only engine that serves them), fp32 weights, forward batches by tokens.
+
+    Example: class ChesScoreParams(HiddenStateParams): max_length: int = Field(512, description="...")
+    """
+
+    model: str = Field(description="the scoring model")
+    backend: Literal["transformers"] = Field("transformers", description="engine; only transformers serves hidden states")
+    dtype: str = Field("float32", description="weights dtype; the method's sums are float64 whatever it is")
+    batch_tokens: int | None = execution_field(None, ge=1,
+                                               description="longest row x rows per forward batch (backend default 8192)")
 
 
 def run_dtype(params: Any, model: str | None = None) -> str:
@@ -237,6 +248,7 @@ class LoadedModels:
         self.params = params
         self.seed = seed
         self.pool_size = pool_size  # models this stage holds at once (a generator's `models:` pool)
+        self.kind = params.backend  # the registered backend that loads them (`curate.testing.use_scripted` swaps in `fake`)
         self._used: set[str] = set()
 
     def options(self) -> dict[str, Any]:
@@ -256,7 +268,7 @@ class LoadedModels:
         """The loaded backend of `model`, through the process cache (which may have closed and
         reloads it when memory was needed). Example: models.get(m).logprobs(items)"""
         self._used.add(model)
-        return open_backend(self.params.backend, model, **self.options())
+        return open_backend(self.kind, model, **self.options())
 
     def release(self) -> None:
         """Close every backend this stage loaded. Example: models.release()"""
@@ -264,7 +276,7 @@ class LoadedModels:
 
         options = self.options()
         for model in self._used:
-            backend = cached(self.params.backend, model, **options)
+            backend = cached(self.kind, model, **options)
             if backend is not None:
                 release_backend(backend)
         self._used.clear()

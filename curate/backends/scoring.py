@@ -41,6 +41,17 @@ def token_limit(backend: Any) -> int | None:
     return int(limit) if limit else None
 
 
+def token_budget(max_length: int | None) -> int | None:
+    """The token budget for prompt + response of a stage's `max_length`: -1 or None means no
+    truncation (METHODS §5 (d)); under 2 cannot hold a response token. Example: token_budget(-1) -> None
+    """
+    if max_length is None or max_length == -1:
+        return None
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, or -1 for no truncation; got {max_length}")
+    return max_length
+
+
 def response_tokens(backend: Any, items: list[ScoreItem]) -> tuple[list[int | None], list[str | None]]:
     """Response token counts (|R| with the end-of-turn token) and a too-long error per item.
 
