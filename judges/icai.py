@@ -28,6 +28,7 @@ import re
 from collections import Counter
 from typing import Literal
 
+from curate.backends.params import FREE_TEXT_UNQUOTED
 from curate.keys import row_coin
 
 VOTES = ("for", "against", "abstain", "both", "invalid")
@@ -43,13 +44,14 @@ OrderBy = Literal["for_minus_against", "for"]
 def propose_regex(count: int, max_tokens: int) -> str:
     """The JSON reply with exactly `count` principles, each `Select the response that ...` on one line.
 
-    A token decodes to at least one character, so a reply of at most `max_tokens` characters
-    always ends before `max_tokens` cuts it; each principle gets an equal share of what is left.
+    Principles are printable ASCII (`FREE_TEXT_UNQUOTED`: one byte each, and a token is at least
+    one byte), so a reply of at most `max_tokens` characters always ends before `max_tokens` cuts
+    it; each principle gets an equal share of what is left.
     Example: propose_regex(2, 160) -> '\\{"principles": \\["Select the response that [^"\\\\\\n]{3,37}", ...\\]\\}'
     """
     fixed = len('{"principles": []}') + count * (len(PREFIX) + len('"", ') + 1)
     free = max(12, (max_tokens - fixed) // max(1, count))
-    item = r'"%s [a-z][^"\\\n<>]{2,%d}"' % (PREFIX, free - 1)  # a word first: never "..." or "<rule>"
+    item = r'"%s [a-z]%s{2,%d}"' % (PREFIX, FREE_TEXT_UNQUOTED, free - 1)  # a word first: never "..." or "<rule>"
     return r'\{"principles": \[' + ", ".join([item] * count) + r"\]\}"
 
 

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.backends.base import ChatRequest, GenerationParams
-from curate.backends.params import ModelParams, constrains, run_batched
+from curate.backends.params import FREE_TEXT_CHAR, ModelParams, constrains, run_batched
 from curate.contract import MESSAGES, StageOutput, put_columns, require, with_fields, with_reason
 from curate.judges.templates import conversation_text, load_template
 from curate.keys import row_seed
@@ -105,13 +105,14 @@ def combine_orders(ab: list[tuple[float, float]], ba: list[tuple[float, float]])
 
 
 def constrained_regex(max_tokens: int) -> str:
-    """Reasons on one line, then the two score lines, short enough to fit in max_tokens.
+    """Reasons on one line (printable ASCII, `FREE_TEXT_CHAR`), then the two score lines, short enough to fit in max_tokens.
 
-    Example: constrained_regex(300) -> '[^\\\\n]{1,260}\\\\nScore of the Assistant 1: ...'
+    Example: constrained_regex(300) -> '[ -~]{1,242}\\nScore of the Assistant 1: ...'
     """
     score = "(10|[1-9])"
-    return (r"[^\n]{1,%d}\nScore of the Assistant 1: %s\nScore of the Assistant 2: %s"
-            % (max(16, max_tokens - 40), score, score))
+    tail = len("\nScore of the Assistant 1: 10\nScore of the Assistant 2: 10")  # 58 characters after the reasons
+    return FREE_TEXT_CHAR + (r"{1,%d}\nScore of the Assistant 1: %s\nScore of the Assistant 2: %s"
+                             % (max(16, max_tokens - tail), score, score))
 
 
 class PairwiseParams(ModelParams):

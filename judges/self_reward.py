@@ -24,7 +24,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.backends.base import ChatRequest, GenerationParams
-from curate.backends.params import ModelParams, constrains, run_batched
+from curate.backends.params import FREE_TEXT_CHAR, ModelParams, constrains, run_batched
 from curate.contract import MESSAGES, RESPONSES, StageOutput, put_columns, require, with_fields
 from curate.judges.templates import conversation_text, load_template
 from curate.keys import row_seed
@@ -39,11 +39,12 @@ SCORE = re.compile(r"(?i)(?:Score|Points):\s*([0-9.]+)")  # §1A (c), as in the 
 def constrained_regex(max_tokens: int) -> str:
     """One line of reasons, then `Score: <0-5>` (§1A output instructions), short enough to fit.
 
-    A token decodes to at least one character, so reasons of at most `max_tokens - 10` characters
-    always leave room for the score line before `max_tokens` cuts the text.
-    Example: constrained_regex(200) -> '[^\\n]{1,190}\\nScore: [0-5]'
+    Reasons are printable ASCII (`FREE_TEXT_CHAR`, one byte each, and a token is at least one
+    byte), so reasons of at most `max_tokens - 10` characters always leave room for the score line
+    before `max_tokens` cuts the text.
+    Example: constrained_regex(200) -> '[ -~]{1,190}\\nScore: [0-5]'
     """
-    return r"[^\n]{1,%d}\nScore: [0-5]" % max(16, max_tokens - 10)
+    return FREE_TEXT_CHAR + r"{1,%d}\nScore: [0-5]" % max(16, max_tokens - 10)
 
 
 def parse_score(text: str | None, low: float = 0.0, high: float = 5.0) -> float | None:

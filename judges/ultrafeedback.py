@@ -41,7 +41,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate.backends.base import GenerationParams
-from curate.backends.params import ModelParams, run_batched
+from curate.backends.params import FREE_TEXT_CHAR, FREE_TEXT_START, ModelParams, run_batched
 from curate.contract import MESSAGES, RESPONSES, StageOutput, put_columns, require, with_fields
 from curate.errors import ConfigError
 from curate.judges.icai_stages import counters_of, judge_request
@@ -93,13 +93,14 @@ def numbered_texts(texts: list[str]) -> str:
 def listwise_regex(count: int, max_tokens: int) -> str:
     """Exactly `count` blocks `Text k / Rating: [1-5] / Rationale: <line>`, sized to fit max_tokens.
 
-    A token decodes to at least one character, so a reply of at most `max_tokens` characters
-    always ends before `max_tokens` cuts it; each rationale gets an equal share of what is left.
-    Example: listwise_regex(2, 200) -> 'Text 1\\nRating: [1-5]\\nRationale: [^ \\n][^\\n]{0,70}\\nText 2...'
+    Rationales are printable ASCII (`FREE_TEXT_CHAR`: one byte each, and a token is at least one
+    byte), so a reply of at most `max_tokens` characters always ends before `max_tokens` cuts it;
+    each rationale gets an equal share of what is left.
+    Example: listwise_regex(2, 200) -> 'Text 1\\nRating: [1-5]\\nRationale: [!-~][ -~]{0,70}\\nText 2...'
     """
     fixed = sum(len(f"Text {k}\nRating: 5\nRationale: ") for k in range(1, count + 1)) + count - 1
     free = max(8, (max_tokens - fixed) // max(1, count))
-    block = r"Text %d\nRating: [1-5]\nRationale: [^ \n][^\n]{0,%d}"
+    block = r"Text %d\nRating: [1-5]\nRationale: " + FREE_TEXT_START + FREE_TEXT_CHAR + "{0,%d}"
     return r"\n".join(block % (k, free - 1) for k in range(1, count + 1))
 
 

@@ -401,3 +401,34 @@ stages:
             assert pair["chosen"][0]["content"] == row["responses"][int(np.argmax(r))]["text"]
             assert pair["rejected"][0]["content"] == row["responses"][int(np.argmin(r))]["text"]
             assert pair["margin"] == pytest.approx(max(r) - min(r), abs=1e-4)
+
+
+# Constrained judge output always fits its token budget -----------------------------------------------
+
+def _longest(regex: str, free: str = "x") -> str:
+    """The longest text the judge regex allows, with its free-text runs filled by `free` (bounds read from the regex)."""
+    import re as _re
+
+    return _re.sub(r"\[[^\]]*(?:\\\][^\]]*)*\]\{(\d+),(\d+)\}", lambda m: free * int(m.group(2)), regex.replace("[!-~]", free))
+
+
+def test_judge_regexes_take_one_byte_per_free_character_so_the_score_line_always_fits():
+    import re
+
+    from curate.judges.pairwise import constrained_regex as pairwise_regex
+    from curate.judges.self_reward import constrained_regex
+    from curate.judges.ultrafeedback import listwise_regex
+
+    # SmolLM2 wrote this as its reasons (a judge test, seed 5): each emoji is 4 UTF-8 bytes, up to 4
+    # tokens, so 35 characters ran past max_tokens=80 and the score line was cut off
+    emoji = "Excelente!🌱🌳🌳🌵🌱🌳🌱🌱🌱🌱🌱"
+    assert not re.fullmatch(constrained_regex(80), emoji + "\nScore: 4")
+    assert not re.fullmatch(pairwise_regex(80), emoji + "\nScore of the Assistant 1: 3\nScore of the Assistant 2: 5")
+    assert not re.fullmatch(listwise_regex(1, 80), f"Text 1\nRating: 4\nRationale: {emoji}")
+    assert re.fullmatch(constrained_regex(80), "Clear and correct.\nScore: 4")
+    # the longest reply each regex allows is at most max_tokens bytes, so at most max_tokens tokens
+    for regex, budget in [(constrained_regex(80), 80), (pairwise_regex(120), 120), (listwise_regex(4, 300), 300)]:
+        longest = _longest(regex).replace("\\n", "\n")
+        longest = re.sub(r"\((10\|\[1-9\])\)", "10", longest).replace("[0-5]", "5").replace("[1-5]", "5")
+        assert re.fullmatch(regex, longest), longest
+        assert len(longest.encode()) <= budget

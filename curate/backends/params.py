@@ -45,6 +45,16 @@ def reference_model(reference: str | None) -> str | None:
     return None if reference is None or reference.strip().lower() == REFERENCE_FREE else reference
 
 
+# Free judge text inside an output regex (reasons, rationales, principles): printable ASCII. A
+# token decodes to at least one byte, so N of these one-byte characters always fit in N tokens and
+# the fixed part after them (the score line) is never cut by max_tokens. `[^\n]` gave no such
+# bound: an emoji is four UTF-8 bytes and can take four tokens (SmolLM2 wrote a run of them and
+# lost its score line). Judges that must write other scripts run with `constrained: false`.
+FREE_TEXT_CHAR = r"[ -~]"
+FREE_TEXT_START = r"[!-~]"  # the same, without the space: a rationale starts with a visible character
+FREE_TEXT_UNQUOTED = r"[ !#-;=?-\[\]-~]"  # without `"`, `\`, `<`, `>`: inside a JSON string, never a `<rule>` placeholder
+
+
 def constrains(params: Any) -> bool:
     """Whether a judge's `constrained: true` reaches its engine (vLLM offline, or a vLLM server over HTTP).
 
