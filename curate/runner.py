@@ -103,6 +103,7 @@ def run_segment(plan: Plan, store: Store, segment: Segment, executor: Executor, 
         for result in executor.map(run_part, segment_tasks(store.root, segment, todo, state_key)):
             _commit(store, result, run_log, stage_ids)
             progress.committed(result)
+    store.discard_attempts(segment.key)  # every part is committed: what is left there was orphaned by a dead worker
     executor.release(list(stage_ids))
 
 
