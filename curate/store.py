@@ -179,6 +179,11 @@ class Store:
         os.makedirs(folder)
         return folder
 
+    def discard_attempts(self, key: str) -> None:
+        """Remove the attempt folders a key's finished segment still has: those of tasks whose worker died
+        after writing (their part was computed again elsewhere). Example: store.discard_attempts("ab12")"""
+        shutil.rmtree(os.path.join(self.key_dir(key), "attempts"), ignore_errors=True)
+
     def commit_files(self, key: str, index: int, data: str, rejects: dict[str, str], record: dict) -> bool:
         """Move an attempt's files into place, then append the part's manifest line (the one writer's job).
 
