@@ -4,7 +4,7 @@ Every public function takes a `pyarrow.Table` (or a polars / pandas DataFrame or
 `datasets.Dataset`, returned as the same type) and is imported on first use, so
 `import curate.filters` stays cheap. Modules: `ches` (METHODS §5), `spa` (SPA margins and
 threshold, §6A), `noise` (EM label confidence, §6B), `margins` (their shared numerics),
-`spa_rewards` (SPA's per-candidate implicit rewards, §6A), `donod` (§7) with its TOPSIS ranking in
+`spa_rewards` (SPA's per-candidate implicit rewards, §6A), `ranking_difficulty` (§8.6), `donod` (§7) with its TOPSIS ranking in
 `topsis_rank`, `near_dup`, `dedup`, `text`.
 
 Example: from curate.filters import ches_scores, ches_select, donod_select
@@ -35,6 +35,9 @@ _EXPORTS = {
                      "load_embedder", "NearDup"], "near_dup"),
     **dict.fromkeys(["dedup_keys", "first_ids", "ExactDedup"], "dedup"),
     **dict.fromkeys(["NonEmptyFilter", "LengthFilter", "RangeFilter"], "text"),
+    # ranking accuracy and difficulty, §8.6
+    **dict.fromkeys(["difficulty_scores", "difficulty_of", "difficulty_columns", "flip_loss_threshold",
+                     "ideal_log_margin", "ideal_ratio", "RankingDifficulty"], "ranking_difficulty"),
 }
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)
@@ -54,5 +57,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
                                     spa_threshold)
     from curate.pairing import swap_pairs
     from curate.filters.spa_rewards import candidate_rewards, implicit_rewards
+    from curate.filters.ranking_difficulty import (RankingDifficulty, difficulty_columns, difficulty_of,
+                                                   difficulty_scores, flip_loss_threshold, ideal_log_margin,
+                                                   ideal_ratio)
     from curate.filters.text import LengthFilter, NonEmptyFilter, RangeFilter
     from curate.filters.topsis_rank import TopsisFit, topsis, topsis_closeness, topsis_fit
