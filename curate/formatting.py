@@ -23,7 +23,8 @@ METADATA = ["prompt_id", "chosen_score", "rejected_score", "margin", "chosen_mod
             "curr_rank", "curr_stage"]
 METHOD_PREFIXES = ("sr_", "cdr_", "ches", "ln_ches", "spa_", "donod_", "fe_", "uf_", "icai_", "scir_", "cream_",
                    "rationale", "pref_", "len_", "me_", "near_dup_", "label_smoothing", "noise_",
-                   "rso_", "ref_", "rd_", "difficulty_c", "flip_loss_threshold", "ideal_")
+                   "rso_", "ref_lp_", "ref_tokens_", "ref_logratio", "ref_rank_correct", "rd_", "difficulty_c",
+                   "flip_loss_threshold", "ideal_ratio", "ideal_correct")
 
 
 class TrlParams(Params):

@@ -8,6 +8,8 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
+from curate.contract import MESSAGES
+
 from curate.filters.ranking_difficulty import (RankingDifficulty, RankingDifficultyParams, difficulty_of,
                                                flip_loss_threshold, ideal_log_margin, ideal_ratio)
 from tests.test_cdr_scir import FakeScorer, _pairs, _with_models
@@ -80,3 +82,18 @@ def test_params_need_a_reference_and_a_drop_rule():
         RankingDifficultyParams(reference="none")
     with pytest.raises(ValidationError, match="max_difficulty"):
         RankingDifficultyParams(reference="r", action="drop")
+
+
+def test_format_trl_keeps_the_difficulty_and_rso_columns():
+    from curate.formatting import TrlFormat
+    from curate.generators.rso import RSOPairs, RSOParams
+    from tests.test_rso import _candidates
+
+    stage, table = _scripted()
+    names = TrlFormat().output_schema(stage.output_schema(table.schema)).names
+    assert {"ref_logratio", "difficulty_c", "flip_loss_threshold", "ideal_correct", "ref_rank_correct",
+            "ref_lp_chosen", "rd_ref_model"} <= set(names)
+    candidates = _candidates([[1.0, 2.0]])
+    candidates = candidates.append_column("prompt", pa.array([[{"role": "user", "content": "q"}]], MESSAGES))
+    rso = RSOPairs(RSOParams(scores="cdr_rewards")).output_schema(candidates.schema)
+    assert {"rso_accepted", "rso_round", "rso_scores", "cdr_rewards"} <= set(TrlFormat().output_schema(rso).names)
