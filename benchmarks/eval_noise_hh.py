@@ -25,8 +25,9 @@ Example: python benchmarks/eval_noise_hh.py --rows 200
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import os
 import time
 from pathlib import Path
 
@@ -39,9 +40,8 @@ from curate.filters.spa import implicit_margins, spa_filter
 from curate.pairing import swap_pairs
 from curate.sources import SourceSpec, ingest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hh_data import hh_arguments, use_threads  # noqa: E402
-
+REPO = Path(__file__).resolve().parent.parent
+HH_FILE = os.environ.get("CURATE_HH_FILE", str(REPO.parent / "shared" / "data" / "hh-rlhf-harmless-test" / "test.jsonl.gz"))
 
 
 def auc(scores: np.ndarray, positives: np.ndarray) -> float:
@@ -98,12 +98,20 @@ def evaluate(margin: np.ndarray, flipped: np.ndarray, table: pa.Table, column: s
 
 
 def main() -> None:
-    parser = hh_arguments(__doc__)  # --data, --seed (of the subset and of the flips), --backend, --threads, --json
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=HH_FILE, help="HH-RLHF jsonl(.gz) file")
     parser.add_argument("--rows", type=int, default=200, help="pairs in the seeded subset")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subset and of the flips")
     parser.add_argument("--flip-rate", type=float, default=0.2, help="share of pairs flipped")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="policy (scorer)")
+    parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
-    use_threads(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
     table, flipped = load_subset(args.data, args.rows, args.seed, args.flip_rate)
