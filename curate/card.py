@@ -168,6 +168,14 @@ def _environment():
     return env
 
 
+def _length(run: Run, files: list[str]) -> dict[str, Any] | None:
+    """The run's typed length-bias check (stats.json), or counted from the shards for a run without it."""
+    from dataclasses import asdict
+
+    bias = run.stats.length_bias
+    return asdict(bias) if bias is not None else length_bias(files)
+
+
 def render_card(run: Run, repo_id: str | None = None, config_name: str = DEFAULT_CONFIG, data_dir: str = "data",
                 existing: dict | None = None) -> str:
     """The whole README.md text of a finished run (see the module docstring).
@@ -199,7 +207,7 @@ def render_card(run: Run, repo_id: str | None = None, config_name: str = DEFAULT
         features=[{"name": f.name, "type": str(f.type)} for f in schema],
         source={k: v for k, v in source.items() if k != "part_rows"},
         generators=groups["generators"], judges=groups["judges"], filters=groups["filters"],
-        funnel=funnel(run), statistics=column_statistics(files, schema), length=length_bias(files, run.stats.output.get("length")),
+        funnel=funnel(run), statistics=column_statistics(files, schema), length=_length(run, files),
         measured=[dict(m, id=s.id) for s in sections for m in s.measured],
         pipeline_yaml=run.pipeline_yaml or "(pipeline.yaml missing from the run folder)",
         overrides=list(run.plan.overrides), stages=run.plan.stages, sample=sample_row(files),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
-from curate.record import PlannedStageRecord, Run, StageStats
+from curate.record import LengthBias, PlannedStageRecord, Run, StageStats
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +218,11 @@ def length_counts(table: pa.Table) -> dict[str, int] | None:
 
 
 def length_bias(files: list[str], counts: dict[str, int] | None = None) -> dict[str, Any] | None:
-    """How often the chosen reply is longer than the rejected one (characters), over all pairs.
+    """How often the chosen reply is longer than the rejected one (characters), over all pairs (`LengthBias`).
 
-    A share far above one half means a model trained on these pairs can learn "longer is better".
-    `counts` (the run's summed `length_counts`) spares reading the shards again.
-    Example: length_bias(files) -> {'pairs': 19, 'chosen_longer': 12, 'share_longer': 0.63, ...}
+    A share far above one half means a model trained on these pairs can learn "longer is better";
+    above 0.7 it is flagged (METHODS.md §8.2). `counts` (the run's summed `length_counts`) spares
+    reading the shards again. Example: length_bias(files) -> {'pairs': 19, 'chosen_longer': 12, 'share_longer': 0.63, 'flagged': False, ...}
     """
     if counts is None:
         if not files or not {"chosen", "rejected"} <= set(pq.read_schema(files[0]).names):
@@ -232,12 +232,7 @@ def length_bias(files: list[str], counts: dict[str, int] | None = None) -> dict[
             for name, value in length_counts(pa.Table.from_batches([batch])).items():
                 total[name] = total.get(name, 0) + value
         counts = total
-    longer, shorter, equal = counts.get("chosen_longer", 0), counts.get("chosen_shorter", 0), counts.get("equal", 0)
-    pairs = longer + shorter + equal
-    return {"pairs": pairs, "chosen_longer": longer, "chosen_shorter": shorter, "equal": equal,
-            "share_longer": longer / pairs if pairs else None,
-            "chosen_mean_chars": counts.get("chosen_chars", 0) / pairs if pairs else None,
-            "rejected_mean_chars": counts.get("rejected_chars", 0) / pairs if pairs else None}
+    return asdict(LengthBias.from_counts(counts))  # type: ignore[arg-type]
 
 
 def _cut(value: Any) -> Any:

@@ -3,7 +3,7 @@
 `prompt` stays `list<struct<role, content>>`; `chosen` and `rejected` become one assistant turn
 each (same type), which TRL's DPOTrainer reads as it is. Kept metadata, in this order: `id`,
 `prompt_id`, scores and margin, `*_model` lineage, curriculum columns, then every method column
-(`sr_*`, `cdr_*`, `ches_*`, `spa_*`, `donod_*`, `fe_*`, `uf_*`, ...) in input order, then `keep`.
+(`sr_*`, `cdr_*`, `ches_*`, `spa_*`, `donod_*`, `fe_*`, `uf_*`, `me_*`, `rps_*`, ...) in input order, then `keep`.
 Everything else (candidate lists, raw source columns) is dropped. Leaves out: tokenisation (TRL's job).
 
 Example: chosen "Sure." -> [{"role": "assistant", "content": "Sure."}]
@@ -22,7 +22,7 @@ LEADING = ["id", "prompt", "chosen", "rejected"]
 METADATA = ["prompt_id", "chosen_score", "rejected_score", "margin", "chosen_model", "rejected_model",
             "curr_rank", "curr_stage"]
 METHOD_PREFIXES = ("sr_", "cdr_", "ches", "ln_ches", "spa_", "donod_", "fe_", "uf_", "icai_", "scir_", "cream_",
-                   "rationale", "pref_", "len_", "me_", "near_dup_", "label_smoothing", "noise_",
+                   "rationale", "pref_", "len_", "me_", "rps_", "near_dup_", "label_smoothing", "noise_",
                    "rso_", "ref_lp_", "ref_tokens_", "ref_logratio", "ref_rank_correct", "rd_", "difficulty_c",
                    "flip_loss_threshold", "ideal_ratio", "ideal_correct")
 

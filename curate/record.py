@@ -25,6 +25,47 @@ STATS_FILE = "stats.json"
 PLAN_FILE = "plan.json"
 PIPELINE_FILE = "pipeline.yaml"
 STATES_DIR = "states"
+LENGTH_BIAS_FLAG = 0.7  # METHODS.md §8.2 [ours]: P(chosen longer) above this is flagged
+
+
+@dataclass
+class LengthBias:
+    """How often a published pair's chosen reply is longer than its rejected one (characters, METHODS.md §8.2).
+
+    `share_longer` = chosen_longer / pairs; `flagged` when it exceeds `threshold` (0.7, §8.2): a
+    model trained on the pairs can learn that longer is better. Computed on every pair dataset a
+    run publishes (each part task counts its rows; `curate.stats` sums them).
+    Example: LengthBias.from_counts({"chosen_longer": 8, "chosen_shorter": 2, "equal": 0}).flagged -> True
+    """
+
+    pairs: int
+    chosen_longer: int
+    chosen_shorter: int
+    equal: int
+    share_longer: float | None
+    flagged: bool
+    threshold: float = LENGTH_BIAS_FLAG
+    chosen_mean_chars: float | None = None
+    rejected_mean_chars: float | None = None
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, int] | None, threshold: float = LENGTH_BIAS_FLAG) -> "LengthBias | None":
+        """From summed `length_counts` (None without counts). Example: LengthBias.from_counts(run.stats.output["length"])"""
+        if counts is None:
+            return None
+        longer, shorter, equal = (int(counts.get(k, 0)) for k in ("chosen_longer", "chosen_shorter", "equal"))
+        pairs = longer + shorter + equal
+        share = longer / pairs if pairs else None
+        return cls(pairs=pairs, chosen_longer=longer, chosen_shorter=shorter, equal=equal, share_longer=share,
+                   flagged=share is not None and share > threshold, threshold=threshold,
+                   chosen_mean_chars=counts.get("chosen_chars", 0) / pairs if pairs else None,
+                   rejected_mean_chars=counts.get("rejected_chars", 0) / pairs if pairs else None)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "LengthBias":
+        """Example: LengthBias.from_json(stats["length_bias"])"""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
 
 
 @dataclass
@@ -76,6 +117,7 @@ class RunStats:
     executor: str = "local"
     curate_version: str = ""
     output: dict[str, Any] = field(default_factory=dict)  # summaries of the published rows, folded over parts
+    length_bias: LengthBias | None = None  # §8.2's check on the published pairs (None: not pair rows)
 
     def stage(self, stage_id: str) -> StageStats:
         """The entry of one stage by its id. Example: stats.stage("judge").counters"""
@@ -95,8 +137,10 @@ class RunStats:
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "RunStats":
         """Read stats.json's content. Example: RunStats.from_json({"pipeline": "q", ...})"""
-        known = {f.name for f in fields(cls)} - {"stages"}
-        return cls(stages=[StageStats.from_json(s) for s in raw.get("stages", [])],
+        known = {f.name for f in fields(cls)} - {"stages", "length_bias"}
+        bias = raw.get("length_bias")  # stats.json written before the check was typed: rebuilt from the counts
+        length = LengthBias.from_json(bias) if isinstance(bias, dict) else LengthBias.from_counts((raw.get("output") or {}).get("length") or None)
+        return cls(stages=[StageStats.from_json(s) for s in raw.get("stages", [])], length_bias=length,
                    **{k: v for k, v in raw.items() if k in known})
 
 

@@ -53,9 +53,17 @@ METHODS = [
     ("scir", "SCIR (§1B)", ["scir_p_gen", "scir_p_imp"],
      "The judge's order-averaged preference (p_gen) and the implicit reward's (p_imp); pairs where they "
      "disagree are dropped."),
+    ("multi-elo", "Multi-Elo (§8.2)", [f"me_{d}_elo_{side}" for d in ("accuracy", "helpfulness", "language")
+                                        for side in ("chosen", "rejected")],
+     "One Elo per dimension for the chosen and the rejected reply (K=32, start 1000, averaged over seeded match "
+     "orders): a pair selected on accuracy should not owe its win to fluent language."),
+    ("rps", "RPS consensus (§6C)", ["rps_consensus", "rps_score_chosen", "rps_score_rejected"],
+     "The share of neighbour preference directions under which the pair's winner under the target direction "
+     "still wins, and both replies' scores under the target direction."),
 ]
 FIT_MARKS = {("filters.donod", "threshold"): "donod_topsis", ("filters.spa", "tau"): "spa_margin"}
-CATEGORIES = {"fe_verdict": "pairwise verdict for the chosen reply", "cdr_domain": "CDR router domain"}
+CATEGORIES = {"fe_verdict": "pairwise verdict for the chosen reply", "cdr_domain": "CDR router domain",
+              "me_accuracy_verdict": "Multi-Elo accuracy verdict for the chosen reply"}
 
 
 @dataclass
@@ -130,7 +138,9 @@ def _lengths(run: Run, columns: dict[str, pa.ChunkedArray]) -> Section | None:
     share = bias.get("share_longer")
     intro = ""
     if share is not None:
-        verdict = ("far above half: a model trained on these pairs can learn that longer is better" if share > 0.6
+        verdict = (f"flagged, above {100 * bias['threshold']:.0f}% (METHODS §8.2): a model trained on these pairs can learn "
+                   "that longer is better" if bias["flagged"]
+                   else "above half: watch for a model learning that longer is better" if share > 0.6
                    else "the chosen reply is mostly the shorter one" if share < 0.4 else "close to half")
         intro = (f"The chosen reply is longer in {bias['chosen_longer']:,} of {bias['pairs']:,} pairs "
                  f"({100 * share:.0f}%): {verdict}.")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from curate import __version__
 from curate.ingest import SOURCE_ID
 from curate.plan import Plan
-from curate.record import RunStats, StageStats
+from curate.record import LengthBias, RunStats, StageStats
 from curate.store import Store
 from curate.task import PartResult
 
@@ -90,5 +90,5 @@ def collect_stats(plan: Plan, store: Store, log: RunLog, seconds: float, executo
         pipeline=plan.pipeline.spec.name, rows_in=source.rows_in, rows_out=stages[-1].rows_out,
         parts=source.n_parts, dropped=dict(sorted(total_dropped.items())), run_seconds=round(seconds, 4),
         stages=stages, executor=executor, curate_version=__version__,
-        output={"length": dict(lengths)} if lengths else {},
+        output={"length": dict(lengths)} if lengths else {}, length_bias=LengthBias.from_counts(dict(lengths)) if lengths else None,
     )

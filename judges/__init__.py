@@ -1,6 +1,6 @@
 """Judges: stages that score or compare candidate responses, and their parsing and scoring math as functions.
 
-Self-rewarding (METHODS §1A), pairwise with both orders (§8.1), UltraFeedback's listwise ratings (§8.3), CDR density ratios (§2), SCIR
+Self-rewarding (METHODS §1A), pairwise with both orders (§8.1), UltraFeedback's listwise ratings (§8.3), Multi-Elo (§8.2), CDR density ratios (§2), SCIR
 consistency (§1B), CREAM's cross-iteration consistency (§1C), and the prompt templates they render. Each name is imported on first use, so
 `import curate.judges` stays cheap.
 
@@ -21,6 +21,8 @@ _EXPORTS = {
     **dict.fromkeys(["choice_probability", "order_averaged", "is_consistent", "SCIRFilter", "SCIRParams"], "scir"),
     **dict.fromkeys(["parse_ratings", "listwise_regex", "presentation_order", "map_back", "candidate_means",
                      "monotone_in_position", "load_aspects", "UltraFeedbackJudge", "UltraFeedbackParams"], "ultrafeedback"),
+    **dict.fromkeys(["elo_ratings", "elo_update", "expected_score", "play_every_order"], "elo"),
+    **dict.fromkeys(["candidate_elos", "multi_elo_ratings", "MultiElo", "MultiEloParams"], "multi_elo"),
     **dict.fromkeys(["load_template", "conversation_text", "Template"], "templates"),
     **dict.fromkeys(["rank_consistency", "consistency_weights", "cream_consistency", "cream_rewards"], "cream"),
     **dict.fromkeys(["CREAMJudge", "CREAMParams", "CREAMAvg"], "cream_stages"),
@@ -34,6 +36,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     from curate.judges.cream_stages import CREAMAvg, CREAMJudge, CREAMParams
     from curate.judges.cdr import (CDRJudge, CDRParams, customize, density_ratio, exemplar_text, load_customization,
                                    parse_domain, sequence_score)
+    from curate.judges.elo import elo_ratings, elo_update, expected_score, play_every_order
+    from curate.judges.multi_elo import MultiElo, MultiEloParams, candidate_elos, multi_elo_ratings
     from curate.judges.pairwise import (PairwiseJudge, PairwiseParams, combine_orders, compare, parse_pair_scores,
                                         verdict_entropy)
     from curate.judges.scir import SCIRFilter, SCIRParams, choice_probability, is_consistent, order_averaged

@@ -1,8 +1,9 @@
 """Every filter end to end on a real model (issue 14, item 5): CHES, DONOD, SPA and EM on SmolLM2-135M-Instruct.
 
 Each test runs the filter's pipeline stages on a handful of hand-built rows with the stage
-defaults (transformers backend, fp32; SPA explicitly `reference: none`, since no trained
-policy / reference pair ships offline) and checks the values against a by-hand computation on
+defaults (transformers backend, fp32; SPA explicitly `reference: none`, and again with the
+DPO-trained SmolLM2 of benchmarks/train_dpo_pair.py over the untouched one when that cached
+model exists) and checks the values against a by-hand computation on
 the raw transformers model, one row at a time, or against what the method implies (METHODS §5-§7).
 Torch runs on one thread (a shared 2-core machine, ENVIRONMENT.md).
 """
@@ -229,3 +230,48 @@ def test_spa_and_em_on_smollm2_reference_free_match_a_hand_computation(tmp_path,
         assert rows[k]["pref_conf"] == pytest.approx(float(w), abs=1e-9)
     for i in range(3):
         assert rows[f"s{i}_flipped"]["pref_conf"] < rows[f"s{i}"]["pref_conf"]
+
+
+# SPA and EM with a real reference: the DPO-trained SmolLM2 over the untouched one -----------------
+
+def _trained_policy() -> str:
+    """The policy benchmarks/train_dpo_pair.py saves (a cached artefact, never downloaded)."""
+    import os
+
+    from curate.models import cache_dir
+
+    path = os.path.join(cache_dir(), "trained", "smollm2-135m-dpo-hh")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        pytest.skip(f"no DPO-trained policy at {path}: run `python benchmarks/train_dpo_pair.py` once to make it")
+    return path
+
+
+def test_spa_and_em_on_the_dpo_trained_pair_match_a_hand_computation(tmp_path, smollm2):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    policy_path = _trained_policy()
+    beta = 0.1
+    run, rows = _run(tmp_path, _spa_rows(), f"""  - {{stage: filters.spa_score, id: score, params: {{policy: {policy_path}, reference: {MODEL}, backend: transformers, beta: {beta}}}}}
+  - {{stage: filters.noise_em, id: em, params: {{action: weight}}}}
+""")
+    assert run.stats.stage("score").counters.get("reference_free_rows", 0) == 0
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).eval()
+    trained = (policy, smollm2[1])
+    for i, (p, good, bad) in enumerate(SPA_PAIRS):
+        # the implicit DPO reward of each reply: LP under the trained policy minus LP under its reference
+        r_good = _logprob(trained, p, good) - _logprob(smollm2, p, good)
+        r_bad = _logprob(trained, p, bad) - _logprob(smollm2, p, bad)
+        row, twin = rows[f"s{i}"], rows[f"s{i}_flipped"]
+        assert row["spa_lp_ref_chosen"] == pytest.approx(_logprob(smollm2, p, good), abs=2e-3)
+        assert row["spa_margin"] == pytest.approx(beta * (r_good - r_bad), abs=2e-4)
+        assert twin["spa_margin"] == pytest.approx(-row["spa_margin"], abs=2e-4)
+        assert row["spa_ref_model"] != "none" and row["score_error"] is None
+    # the training moved the policy: its implicit rewards are not all zero
+    assert max(abs(rows[f"s{i}"]["spa_margin"]) for i in range(3)) > 1e-3
+    # EM on those margins: pref_conf is the posterior of the fitted ε̂, each flipped twin less trusted
+    from curate.filters.noise import flip_posterior
+
+    margins = np.array([rows[k]["spa_margin"] for k in sorted(rows)])
+    for k, w in zip(sorted(rows), flip_posterior(margins, run.stats.stage("em").fit["eps_hat"])):
+        assert rows[k]["pref_conf"] == pytest.approx(float(w), abs=1e-9)

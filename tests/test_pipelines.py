@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import REPO
 
-HH_PIPELINES = {"hh.yaml", "hh_generate.yaml", "cdr.yaml", "icai.yaml", "rationales.yaml"}  # read the Hub file; tests point them at ../shared/data
+HH_PIPELINES = {"hh.yaml", "hh_generate.yaml", "cdr.yaml", "icai.yaml", "rationales.yaml", "multi_elo_pairwise.yaml"}  # read the Hub file; tests point them at ../shared/data
 
 
 def _run(args: list[str]) -> None:
