@@ -29,13 +29,13 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hh_data import hh_arguments, hh_pairs, use_threads  # noqa: E402
+from train_dpo_pair import DEFAULT_OUT as TRAINED  # noqa: E402  (where the trained policy is cached)
 
 from curate.config import parse_pipeline  # noqa: E402
 from curate.judges.cream import rank_consistency  # noqa: E402
 from curate.record import load_run  # noqa: E402
 from curate.runner import run_pipeline  # noqa: E402
 
-TRAINED = Path(os.environ.get("CURATE_CACHE", "~/.cache/curate")).expanduser() / "trained" / "smollm2-135m-dpo-hh"
 REFERENCE = "smollm2-135m-instruct"
 
 
@@ -57,14 +57,14 @@ stages:
 def main() -> None:
     parser = hh_arguments(__doc__)
     parser.add_argument("--prompts", type=int, default=12, help="HH prompts in the seeded sample")
-    parser.add_argument("--current", default=str(TRAINED), help="M_t (default: the DPO-trained SmolLM2)")
+    parser.add_argument("--current", default=TRAINED, help="M_t (default: the DPO-trained SmolLM2)")
     parser.add_argument("--reference", default=REFERENCE, help="M_t's reference")
     parser.add_argument("--previous", default=REFERENCE, help="M_{t-1}")
     parser.add_argument("-n", type=int, default=5, help="candidates per prompt (§1C: 5)")
     parser.add_argument("--max-tokens", type=int, default=96, help="longest candidate")
     args = parser.parse_args()
     use_threads(args)
-    if not os.path.exists(os.path.join(args.current, "config.json")) and args.current == str(TRAINED):
+    if not os.path.exists(os.path.join(args.current, "config.json")) and args.current == TRAINED:
         raise SystemExit(f"no trained policy at {TRAINED}: run benchmarks/train_dpo_pair.py first, or pass --current")
     prompts = hh_pairs(args.prompts, seed=args.seed, path=args.data).select(["id", "prompt"])
     with tempfile.TemporaryDirectory() as work:

@@ -14,8 +14,6 @@ Torch runs on one thread (a shared 2-core machine).
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -24,9 +22,7 @@ import pytest
 from curate.filters.ranking_difficulty import flip_loss_threshold
 from curate.judges.cream import rank_consistency
 from tests.conftest import REPO
-from tests.test_filters_real_model import MODEL, _logprob, _run, smollm2  # noqa: F401  (smollm2 is a fixture)
-
-TRAINED = Path(os.environ.get("CURATE_CACHE", "~/.cache/curate")).expanduser() / "trained" / "smollm2-135m-dpo-hh"
+from tests.test_filters_real_model import MODEL, _logprob, _run, _trained_policy, smollm2  # noqa: F401  (smollm2: a fixture)
 
 
 def _raw(path: str):
@@ -103,11 +99,12 @@ def test_cream_rewards_on_real_models_match_a_hand_computation(tmp_path, smollm2
     assert run.stats.stage("cream").counters["pairs"] == 2
 
 
-@pytest.mark.skipif(not (TRAINED / "config.json").exists(),
-                    reason=f"needs the DPO-trained SmolLM2 at {TRAINED} (a cached artefact of benchmarks/train_dpo_pair.py)")
 def test_cream_with_the_dpo_trained_smollm2_against_the_untouched_model(tmp_path):
-    """§1C as meant: current = DPO-trained SmolLM2, reference = SmolLM2-135M-Instruct, previous = SmolLM2-135M-Instruct."""
-    run, rows = _run(tmp_path, CREAM_ROWS, f"""  - {{stage: judges.cream, id: cream, params: {{policy: {TRAINED}, reference: {MODEL}, previous: {MODEL}, backend: transformers}}}}
+    """§1C as meant: current = DPO-trained SmolLM2, reference = SmolLM2-135M-Instruct, previous = SmolLM2-135M-Instruct.
+
+    Skips, saying why, when the cached trained policy is absent (`_trained_policy`)."""
+    trained = _trained_policy()
+    run, rows = _run(tmp_path, CREAM_ROWS, f"""  - {{stage: judges.cream, id: cream, params: {{policy: {trained}, reference: {MODEL}, previous: {MODEL}, backend: transformers}}}}
   - {{stage: judges.cream_avg, id: avg}}
 """)
     counters, fit = run.stats.stage("cream").counters, run.stats.stage("avg").fit
