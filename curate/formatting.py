@@ -22,7 +22,9 @@ LEADING = ["id", "prompt", "chosen", "rejected"]
 METADATA = ["prompt_id", "chosen_score", "rejected_score", "margin", "chosen_model", "rejected_model",
             "curr_rank", "curr_stage"]
 METHOD_PREFIXES = ("sr_", "cdr_", "ches", "ln_ches", "spa_", "donod_", "fe_", "uf_", "icai_", "scir_", "cream_",
-                   "rationale", "pref_", "len_", "me_", "rps_", "near_dup_", "label_smoothing", "noise_")
+                   "rationale", "pref_", "len_", "me_", "rps_", "near_dup_", "label_smoothing", "noise_",
+                   "rso_", "ref_lp_", "ref_tokens_", "ref_logratio", "ref_rank_correct", "rd_", "difficulty_c",
+                   "flip_loss_threshold", "ideal_ratio", "ideal_correct")
 
 
 class TrlParams(Params):

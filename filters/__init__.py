@@ -4,7 +4,7 @@ Every public function takes a `pyarrow.Table` (or a polars / pandas DataFrame or
 `datasets.Dataset`, returned as the same type) and is imported on first use, so
 `import curate.filters` stays cheap. Modules: `ches` (METHODS §5), `spa` (SPA margins and
 threshold, §6A), `noise` (EM label confidence, §6B), `margins` (their shared numerics),
-`spa_rewards` (SPA's per-candidate implicit rewards, §6A), `donod` (§7) with its TOPSIS ranking in
+`spa_rewards` (SPA's per-candidate implicit rewards, §6A), `ranking_difficulty` (§8.6), `donod` (§7) with its TOPSIS ranking in
 `topsis_rank`, `near_dup`, `dedup`, `text`, `rps` (§6C), `length_bias` (§8.2).
 
 Example: from curate.filters import ches_scores, ches_select, donod_select
@@ -39,6 +39,9 @@ _EXPORTS = {
     **dict.fromkeys(["rps_consensus", "rps_filter", "neighbour_directions", "pair_consensus", "RPSFilter"], "rps"),
     **dict.fromkeys(["length_bias_check", "length_columns", "length_rebalance", "length_buckets", "LengthBalance"],
                     "length_bias"),
+    # ranking accuracy and difficulty, §8.6
+    **dict.fromkeys(["difficulty_scores", "difficulty_of", "difficulty_columns", "flip_loss_threshold",
+                     "ideal_log_margin", "ideal_ratio", "RankingDifficulty"], "ranking_difficulty"),
 }
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)
@@ -61,5 +64,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     from curate.filters.length_bias import (LengthBalance, length_bias_check, length_buckets, length_columns,
                                             length_rebalance)
     from curate.filters.rps import RPSFilter, neighbour_directions, pair_consensus, rps_consensus, rps_filter
+    from curate.filters.ranking_difficulty import (RankingDifficulty, difficulty_columns, difficulty_of,
+                                                   difficulty_scores, flip_loss_threshold, ideal_log_margin,
+                                                   ideal_ratio)
     from curate.filters.text import LengthFilter, NonEmptyFilter, RangeFilter
     from curate.filters.topsis_rank import TopsisFit, topsis, topsis_closeness, topsis_fit

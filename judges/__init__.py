@@ -1,7 +1,7 @@
 """Judges: stages that score or compare candidate responses, and their parsing and scoring math as functions.
 
 Self-rewarding (METHODS §1A), pairwise with both orders (§8.1), UltraFeedback's listwise ratings (§8.3), Multi-Elo (§8.2), CDR density ratios (§2), SCIR
-consistency (§1B), and the prompt templates they render. Each name is imported on first use, so
+consistency (§1B), CREAM's cross-iteration consistency (§1C), and the prompt templates they render. Each name is imported on first use, so
 `import curate.judges` stays cheap.
 
 Example: from curate.judges import parse_score, density_ratio; parse_score("Score: 4") -> 4.0
@@ -24,12 +24,16 @@ _EXPORTS = {
     **dict.fromkeys(["elo_ratings", "elo_update", "expected_score", "play_every_order"], "elo"),
     **dict.fromkeys(["candidate_elos", "multi_elo_ratings", "MultiElo", "MultiEloParams"], "multi_elo"),
     **dict.fromkeys(["load_template", "conversation_text", "Template"], "templates"),
+    **dict.fromkeys(["rank_consistency", "consistency_weights", "cream_consistency", "cream_rewards"], "cream"),
+    **dict.fromkeys(["CREAMJudge", "CREAMParams", "CREAMAvg"], "cream_stages"),
 }
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name loads on first use
+    from curate.judges.cream import consistency_weights, cream_consistency, cream_rewards, rank_consistency
+    from curate.judges.cream_stages import CREAMAvg, CREAMJudge, CREAMParams
     from curate.judges.cdr import (CDRJudge, CDRParams, customize, density_ratio, exemplar_text, load_customization,
                                    parse_domain, sequence_score)
     from curate.judges.elo import elo_ratings, elo_update, expected_score, play_every_order
