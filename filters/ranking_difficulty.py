@@ -38,10 +38,11 @@ from pydantic import Field, field_validator, model_validator
 
 from curate.adapters import accepts_frames
 from curate.backends.base import open_backend
-from curate.backends.params import LoadedModels, ModelParams, identities, logprob_dtype_field, reference_model
-from curate.contract import TEXT_TYPES, Stage, StageOutput, put_columns, require, with_fields, with_reason
+from curate.backends.params import ModelParams, logprob_dtype_field, reference_model
+from curate.contract import TEXT_TYPES, StageOutput, put_columns, require, with_fields, with_reason
 from curate.filters.margins import as_float, dpo_loss, float_column, scalar_or_array
 from curate.filters.spa import DPO_BETA, score_pairs
+from curate.model_stage import ModelStage
 from curate.registry import register
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ class RankingDifficultyParams(ModelParams):
 
 
 @register
-class RankingDifficulty(Stage):
+class RankingDifficulty(ModelStage):
     """§8.6 columns of every pair from the reference model; optionally drop the pairs DPO cannot learn to rank.
 
     Rows the reference could not score (null texts, too long) are kept with null columns and their
@@ -201,25 +202,15 @@ class RankingDifficulty(Stage):
     """
 
     name = "filters.ranking_difficulty"
-    kind = "model"
     Params = RankingDifficultyParams
 
-    def __init__(self, params: RankingDifficultyParams | None = None, *, seed: int = 0, stage_id: str | None = None):
-        super().__init__(params, seed=seed, stage_id=stage_id)
-        self.models = LoadedModels(self.params, seed)
-
-    def key_material(self) -> dict[str, Any]:
-        return super().key_material() | {"model_identity": identities(self.params, [self.params.reference])}
+    def model_refs(self) -> list[str]:
+        """The one model it loads: the reference. Example: stage.model_refs() -> ['smollm2-135m-instruct']"""
+        return [self.params.reference]
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require(schema, {"prompt": TEXT_TYPES, "chosen": pa.string(), "rejected": pa.string()}, self.name)
         return with_fields(schema, DIFFICULTY_FIELDS | {self.error_column: pa.string()})
-
-    def open(self) -> None:
-        self.models.get(self.params.reference)
-
-    def close(self) -> None:
-        self.models.release()
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:
         p = self.params

@@ -26,12 +26,13 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from curate.backends.params import LoadedModels, ModelParams, identities, logprob_dtype_field, reference_model
+from curate.backends.params import ModelParams, logprob_dtype_field, reference_model
 from curate.contract import RESPONSES, TEXT_TYPES, Params, Stage, StageOutput, put_columns, require, with_fields
 from curate.filters.margins import NUMERIC, as_float, fit_margins, state_value
 from curate.filters.spa_rewards import REWARDS
 from curate.judges.cream import CURRENT, PREVIOUS, Method, consistency_columns, score_candidates, weight_columns
 from curate.pairing import PairFromScores, PairParams
+from curate.model_stage import ModelStage
 from curate.registry import register
 
 log = logging.getLogger(__name__)
@@ -63,22 +64,17 @@ class CREAMParams(ModelParams):
 
 
 @register
-class CREAMJudge(Stage):
+class CREAMJudge(ModelStage):
     """Score candidates with two iterations, weight by their rank agreement, pair by the current reward (module docstring).
 
     Example: CREAMJudge(CREAMParams(policy="p", reference="r", previous="q")).model_refs() -> ['p', 'r', 'q']
     """
 
     name = "judges.cream"
-    kind = "model"
     Params = CREAMParams
 
     def __init__(self, params: CREAMParams | None = None, *, seed: int = 0, stage_id: str | None = None):
         super().__init__(params, seed=seed, stage_id=stage_id)
-        load = self.params
-        if load.backend == "vllm" and load.gpu_memory_utilization is None:
-            load = load.model_copy(update={"gpu_memory_utilization": 0.3})  # three engines share one GPU (ignored on CPU)
-        self.models = LoadedModels(load, seed)
         self.pairing = PairFromScores(PairParams(scores=CURRENT, responses=self.params.responses, mode="best_worst"),
                                       seed=seed, stage_id=self.stage_id)
 
@@ -87,8 +83,11 @@ class CREAMJudge(Stage):
         p = self.params
         return list(dict.fromkeys((p.policy, p.reference, p.previous)))
 
-    def key_material(self) -> dict[str, Any]:
-        return super().key_material() | {"model_identity": identities(self.params, self.model_refs())}
+    def load_params(self) -> CREAMParams:
+        """Three engines share one GPU: a 0.3 memory share each on vLLM unless set (ignored on CPU)."""
+        if self.params.backend == "vllm" and self.params.gpu_memory_utilization is None:
+            return self.params.model_copy(update={"gpu_memory_utilization": 0.3})
+        return self.params
 
     def _annotated(self, schema: pa.Schema) -> pa.Schema:
         p = self.params
@@ -97,13 +96,6 @@ class CREAMJudge(Stage):
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         return self.pairing.output_schema(self._annotated(schema))
-
-    def open(self) -> None:
-        for model in self.model_refs():
-            self.models.get(model)
-
-    def close(self) -> None:
-        self.models.release()
 
     def apply(self, table: pa.Table, state: pa.Table | None = None) -> StageOutput:
         p = self.params

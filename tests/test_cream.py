@@ -12,7 +12,7 @@ from curate.contract import MESSAGES, RESPONSES
 from curate.filters.noise import cdpo_loss, dpo_loss
 from curate.judges.cream import consistency_weights, cream_consistency, rank_consistency
 from curate.judges.cream_stages import CREAMAvg, CREAMAvgParams, CREAMJudge, CREAMParams
-from tests.test_cdr_scir import FakeScorer, _with_models
+from curate.testing import ScriptedBackend, use_scripted
 
 
 def test_cream_hand_cases_kendall():
@@ -79,13 +79,13 @@ def _candidates(rows: list[tuple[str, list[str]]]) -> pa.Table:
     })
 
 
-def _scorers() -> dict[str, FakeScorer]:
+def _scorers() -> dict[str, ScriptedBackend]:
     """q0: current rewards [3, 2, 1]; previous LPn [-1, -3, -2] (its sums [-2, -3, -4] would rank like current).
     q1: current rewards all equal -> a tie. q2: candidate 1 is null; x, z rank alike under both models."""
-    current = FakeScorer({("q0", "a"): [-1.0], ("q0", "b"): [-2.0], ("q0", "c"): [-3.0], ("q2", "z"): [-2.0]},
+    current = ScriptedBackend(logprobs={("q0", "a"): [-1.0], ("q0", "b"): [-2.0], ("q0", "c"): [-3.0], ("q2", "z"): [-2.0]},
                          default=[-1.0])
-    reference = FakeScorer({}, default=[-4.0])
-    previous = FakeScorer({("q0", "a"): [-1.0, -1.0], ("q0", "b"): [-3.0], ("q0", "c"): [-4.0, 0.0],
+    reference = ScriptedBackend(logprobs={}, default=[-4.0])
+    previous = ScriptedBackend(logprobs={("q0", "a"): [-1.0, -1.0], ("q0", "b"): [-3.0], ("q0", "c"): [-4.0, 0.0],
                            ("q2", "x"): [-1.0], ("q2", "y"): [-2.0], ("q2", "z"): [-3.0]}, default=[-1.0])
     for name, scorer in (("cur", current), ("ref", reference), ("prev", previous)):
         scorer.name = name
@@ -97,7 +97,7 @@ def test_cream_stage_scores_weights_and_pairs_by_the_current_reward():
     table = table.set_column(2, "responses", pa.array(
         [r if i != 2 else [{**r[0]}, {**r[1], "text": None}, {**r[2]}] for i, r in enumerate(table.column("responses").to_pylist())],
         RESPONSES))
-    stage = _with_models(CREAMJudge(CREAMParams(policy="cur", reference="ref", previous="prev", backend="transformers")),
+    stage = use_scripted(CREAMJudge(CREAMParams(policy="cur", reference="ref", previous="prev", backend="transformers")),
                          _scorers())
     schema = stage.output_schema(table.schema)
     out = stage.apply(table)

@@ -41,6 +41,8 @@ PINNED = {
     ("quickstart.yaml", "generate"): "162f8ef2431c466c909e",
     ("quickstart.yaml", "judge"): "5c0360ed2c2375e512d2",
     ("rationales.yaml", "rationale"): "efd70837e63659137828",
+    ("rso.yaml", "policy"): "cc82aacb35cfd74336ad",
+    ("rso.yaml", "cdr"): "03f468f39dc8b581ea96",
     ("ultrafeedback.yaml", "pool"): "bbad5513713e2c17fc9c",
     ("ultrafeedback.yaml", "judge"): "53abab620bade4ee86fb",
     ("ultrafeedback_self_reward.yaml", "pool"): "99b73f465072a91ea2fb",

@@ -12,7 +12,8 @@ from curate.contract import MESSAGES
 
 from curate.filters.ranking_difficulty import (RankingDifficulty, RankingDifficultyParams, difficulty_of,
                                                flip_loss_threshold, ideal_log_margin, ideal_ratio)
-from tests.test_cdr_scir import FakeScorer, _pairs, _with_models
+from curate.testing import ScriptedBackend, use_scripted
+from tests.test_cdr_scir import _pairs
 
 
 def test_flip_loss_threshold_hand_case():
@@ -46,12 +47,12 @@ def test_difficulty_of_columns_on_pandas():
 def _scripted(beta: float = 1.0, **params) -> tuple[RankingDifficulty, pa.Table]:
     """p0: LP_ref -3 vs -2 (misranked, c=1). p1: -2 (1 token) vs -3 (3 tokens): right by sums, wrong per token.
     p2: -1 vs -6 (c=-5). p3: a null rejected reply (a row error)."""
-    ref = FakeScorer({("q0", "w0"): [-3.0], ("q0", "l0"): [-2.0], ("q1", "w1"): [-2.0], ("q1", "l1"): [-1.0, -1.0, -1.0],
+    ref = ScriptedBackend(logprobs={("q0", "w0"): [-3.0], ("q0", "l0"): [-2.0], ("q1", "w1"): [-2.0], ("q1", "l1"): [-1.0, -1.0, -1.0],
                       ("q2", "w2"): [-1.0], ("q2", "l2"): [-6.0]})
     stage = RankingDifficulty(RankingDifficultyParams(reference="ref", beta=beta, backend="transformers", **params))
     table = _pairs([("q0", "w0", "l0"), ("q1", "w1", "l1"), ("q2", "w2", "l2"), ("q3", "w3", "l3")])
     table = table.set_column(3, "rejected", pa.array(["l0", "l1", "l2", None]))
-    return _with_models(stage, {"ref": ref}), table
+    return use_scripted(stage, {"ref": ref}), table
 
 
 def test_stage_marks_every_pair_and_keeps_row_errors_as_data():
