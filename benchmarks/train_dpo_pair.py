@@ -21,10 +21,7 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
-
-import numpy as np
 
 from curate.config import load_pipeline
 from curate.models import cache_dir, resolve_model
@@ -46,8 +43,7 @@ def prompt_text(messages: list[dict]) -> str:
 
 def evaluation_prompts() -> set[str]:
     """Prompts of every seeded evaluation sample the HH scripts draw (judges: 100 pairs; noise: 200 rows)."""
-    sys.path.insert(0, HERE)
-    from eval_noise_hh import load_subset
+    from eval_noise_hh import load_subset  # beside hh_data on sys.path
 
     held = set()
     for seed in (0, 1, 2):
