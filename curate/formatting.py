@@ -3,7 +3,8 @@
 `prompt` stays `list<struct<role, content>>`; `chosen` and `rejected` become one assistant turn
 each (same type), which TRL's DPOTrainer reads as it is. Kept metadata, in this order: `id`,
 `prompt_id`, scores and margin, `*_model` lineage, curriculum columns, then every method column
-(`sr_*`, `cdr_*`, `ches_*`, `spa_*`, `donod_*`, `fe_*`, `uf_*`, `me_*`, `rps_*`, ...) in input order, then `keep`.
+(`sr_*`, `cdr_*`, `ches_*`, `spa_*`, `donod_*`, `fe_*`, `uf_*`, `me_*`, `rps_*`, ...) and every
+stage's row-failure column (`<stage id>_error`, whatever the id) in input order, then `keep`.
 Everything else (candidate lists, raw source columns) is dropped. Leaves out: tokenisation (TRL's job).
 
 Example: chosen "Sure." -> [{"role": "assistant", "content": "Sure."}]
@@ -63,7 +64,7 @@ class TrlFormat(Stage):
         names = [n for n in METADATA if n in schema.names] if self.params.metadata else []
         if self.params.metadata:
             names += [n for n in schema.names if n not in names and n not in LEADING
-                      and (n.startswith(METHOD_PREFIXES) or n.endswith("_model"))]
+                      and (n.startswith(METHOD_PREFIXES) or n.endswith(("_model", "_error")))]
         return names + [n for n in self.params.keep if n not in names and n not in LEADING]
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:

@@ -180,3 +180,15 @@ def test_bad_rows_mask_agrees_with_describe_on_random_rows():
         values = [turns() for _ in range(400)]
         mask = bad_rows(column, pa.array(values, MESSAGES))
         assert mask.tolist() == [describe(column, v) is not None for v in values]
+
+
+def test_format_trl_keeps_every_stage_error_column_whatever_the_stage_id():
+    """A model stage with id `judge` writes `judge_error`; it must reach the published pairs, not vanish."""
+    from curate.formatting import TrlFormat
+
+    table = pa.table({"id": ["r1", "r2"], "prompt": pa.array([USER, USER], MESSAGES), "chosen": ["Seven.", "Five."],
+                      "rejected": ["Nine.", "Four."], "judge_error": [None, "unparseable verdict"],
+                      "candidates": [["a", "b"], ["c", "d"]]})
+    out = TrlFormat().apply(table).table
+    assert out.column("judge_error").to_pylist() == [None, "unparseable verdict"]
+    assert "candidates" not in out.column_names  # other source columns are still dropped

@@ -102,8 +102,10 @@ def finished_requests(out: Path) -> tuple[int, str]:
 
 
 def _source_accounting(out: Path, ids: list[str]) -> tuple[int, int, list[str]]:
-    """(lost, duplicated, problems): every source id once in the output or in one stage's rejects."""
-    seen = published(out).column("id").to_pylist()
+    """(lost, duplicated, problems): every source id once in the output or in one stage's rejects.
+
+    A published pair's id is its own (`q00-1-0`); the source row it came from is its `prompt_id`."""
+    seen = published(out).column("prompt_id").to_pylist()
     rejects = out / "rejects"
     for path in rejects.rglob("*.parquet") if rejects.exists() else []:
         seen += pq.read_table(path, columns=["id"]).column("id").to_pylist()
