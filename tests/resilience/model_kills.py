@@ -26,11 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tests.resilience.real_disk_full import committed_files
-from tests.resilience.scenarios import REPO, Outcome, published
+from tests.resilience.scenarios import REPO, Outcome, published, whole_json_lines
 
 TOPICS = ["rain", "chess", "bread", "rivers", "owls", "glass", "tides", "maps", "bees", "salt", "kites", "moss"]
 PIPELINE = """name: model-kills
@@ -76,25 +75,14 @@ def _manifest_requests(record: dict) -> int:
 
 def logged_requests(out: Path) -> list[dict]:
     """The finished-request lines of every part not committed yet (a line cut short is left out)."""
-    entries = []
-    for path in out.glob("parts/*/requests/part-*.jsonl"):
-        for line in path.read_text().splitlines():
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return entries
+    return [entry for path in out.glob("parts/*/requests/part-*.jsonl") for entry in whole_json_lines(path)]
 
 
 def finished_requests(out: Path) -> tuple[int, str]:
     """Requests finished so far (committed parts' counters plus the live request logs) and the stage of the last one."""
     total, last = 0, ""
     for manifest in out.glob("parts/*/manifest.jsonl"):
-        for line in manifest.read_text().splitlines():
-            try:
-                total += _manifest_requests(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        total += sum(_manifest_requests(record) for record in whole_json_lines(manifest))
     entries = logged_requests(out)
     if entries:
         last = entries[-1]["stage"]

@@ -15,14 +15,13 @@ Example: [o.ok for o in real_disk_full(tmp_path, fractions=(0.5,))]
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from tests.resilience.scenarios import Outcome, curate, nothing_half_written, one_error_line, prepare_cpu_run, published, resume
+from tests.resilience.scenarios import (Outcome, curate, nothing_half_written, one_error_line, prepare_cpu_run, published,
+                                       resume, whole_json_lines)
 
 
 def mount_refused() -> str | None:
@@ -71,12 +70,10 @@ def committed_files(out: Path) -> dict[str, tuple[int, int]]:
     """Every committed part file (by the manifests) -> (inode, mtime_ns): what a resumed run must keep as it is."""
     files = {}
     for manifest in (out / "parts").glob("*/manifest.jsonl") if (out / "parts").exists() else []:
-        for line in manifest.read_text().splitlines():
-            try:
-                name = json.loads(line)["file"]
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut short: not committed
-            path = manifest.parent / name
+        for record in whole_json_lines(manifest):  # a line cut short: not committed
+            if "file" not in record:
+                continue
+            path = manifest.parent / record["file"]
             if path.exists():
                 info = path.stat()
                 files[str(path.relative_to(out))] = (info.st_ino, info.st_mtime_ns)

@@ -128,6 +128,20 @@ def curate(folder: Path, *args: str, env: dict | None = None, wait: bool = True,
                           text=True, timeout=timeout)
 
 
+def whole_json_lines(path: Path) -> list:
+    """The parsed lines of a JSONL file a killed run may have cut short (the cut line left out).
+
+    Example: whole_json_lines(out / "parts" / key / "manifest.jsonl")[0]["part"]
+    """
+    values = []
+    for line in path.read_text().splitlines():
+        try:
+            values.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return values
+
+
 def published(out: Path) -> pa.Table:
     return pa.concat_tables(pq.read_table(f) for f in sorted((out / "data").glob("*.parquet")))
 
