@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from scipy.stats import rankdata
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -41,11 +42,8 @@ def rank_percentiles(rewards: list[float], indices: list[int]) -> list[float]:
 
     Example: rank_percentiles([3.0, 1.0, 2.0], [0]) -> [1.0]
     """
-    order = np.argsort(np.argsort(rewards, kind="stable"), kind="stable").astype(float)
-    for value in set(rewards):  # ties: the mean of their ranks
-        same = [i for i, r in enumerate(rewards) if r == value]
-        order[same] = order[same].mean()
-    return [order[i] / (len(rewards) - 1) for i in indices]
+    order = rankdata(rewards, method="average") - 1  # 0-based; ties share their mean rank
+    return [float(order[i]) / (len(rewards) - 1) for i in indices]
 
 
 def describe(rows: list[dict], m: int) -> list[str]:
