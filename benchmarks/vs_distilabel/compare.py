@@ -16,9 +16,10 @@ with the same sampling params:
   Its ratings are binarized here with the same rule as curate's (`curate.pairing.choose_pairs`).
 - raw engine: each tool's recorded work (the prompts it sent, the tokens it generated) replayed
   by `raw_job.py` in one engine load, each request forced to its recorded length; the tool's wall
-  time over that is its overhead ratio. curate's judge token counts are re-tokenised from the
-  saved replies (+1 for the end token), so they can differ from the engine's by a token or so;
-  both totals are printed.
+  time over that is its overhead ratio. curate's judge requests are constrained by a regex (vLLM
+  structured output), which costs engine time per token: they are replayed with the same regex,
+  greedy and the same token cap, so the engine writes the same replies again (the replay's token
+  total is printed next to the tool's).
 Printed per configuration (medians of `--repeats` runs, each run alone on the machine, one after
 another): wall seconds, generated tokens/s, usable rows (non-null chosen and rejected), peak RSS
 summed over the tool's processes, ratio to the raw engine, and `curate / distilabel wall`. Then
@@ -224,7 +225,8 @@ class CurateRun:
             for aspect, request in zip(judge.params.aspects, judge.requests(row["id"], row["prompt"], texts) if texts else []):
                 reply = row["uf_texts"][aspect] or ""
                 work.append({"phase": "judge", "messages": request.messages, "temperature": 0.0, "top_p": 1.0,
-                             "tokens": len(tokenizer(reply, add_special_tokens=False)["input_ids"]) + 1})
+                             "tokens": len(tokenizer(reply, add_special_tokens=False)["input_ids"]) + 1,
+                             "regex": request.guided_regex, "max_tokens": request.params.max_tokens})
         return work
 
 
