@@ -205,6 +205,8 @@ CASES.update({
                                           ["p.yaml:5", "needs parameter 'generation.max_tokens'"]),
     "negative_temperature": Case(_pipeline(_GEN % ("smollm2-135m-instruct", "max_tokens: 4, temperature: -1", "")),
                                  ["p.yaml:5", "'generation.temperature'", "greater than or equal to 0"]),
+    "greedy_with_n_above_one": Case(_pipeline(_GEN % ("smollm2-135m-instruct", "max_tokens: 4, n: 2, temperature: 0", "")),
+                                    ["p.yaml:5", "n is 2 with temperature 0", "identical"]),
     "openai_without_base_url": Case(_pipeline(_GEN % ("m", "max_tokens: 4", ", backend: openai")),
                                     ["p.yaml:5", "the openai backend needs base_url"]),
     "unknown_backend": Case(_pipeline(_GEN % ("m", "max_tokens: 4", ", backend: tgi")), ["p.yaml:5", "'backend'", "'openai'"]),

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,13 @@ class GenerationParams(BaseModel):
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens below min_p x the top probability")
     repetition_penalty: float = Field(1.0, gt=0.0, description="1.0 = none")
     stop: tuple[str, ...] = Field((), description="stop strings (not included in the text)")
+
+    @model_validator(mode="after")
+    def _greedy_means_one(self) -> "GenerationParams":
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"n is {self.n} with temperature 0: greedy decoding gives {self.n} identical "
+                             "responses (and vLLM refuses it); set temperature > 0 or n: 1")
+        return self
 
 
 @dataclass(frozen=True)
