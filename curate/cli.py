@@ -177,7 +177,7 @@ def run(pipeline: str, out: str | None, refresh: tuple[str, ...], executor: str 
     spec = load_pipeline(pipeline, list(overrides))
     chosen = spec.spec.executor
     kind = executor or ("dask" if scheduler or workers else chosen.kind)
-    runner = make_executor(kind, workers or chosen.workers, scheduler or chosen.scheduler)
+    runner = make_executor(kind, workers or chosen.workers, scheduler or chosen.scheduler, chosen.overlap_parts)
     stats = run_pipeline(spec, out, list(refresh), executor=runner)
     click.echo(f"{stats['rows_out']} rows written to {out or spec.spec.output}/data "
                f"({stats['rows_in']} in; dropped: {stats['dropped'] or 'none'})")

@@ -70,6 +70,25 @@ class ModelStage(Stage):
         identity = found if self.identity_as_list or found is None else found[0]
         return super().key_material() | self.key_texts() | {"model_identity": identity}
 
+    def engines(self) -> set[tuple]:
+        """The process-cache keys of the backends this stage runs on (`curate.backends.cache.backend_key`).
+
+        Example: stage.engines() -> {('vllm', 'smollm2-135m-instruct', (('dtype', "'bfloat16'"), ...))}
+        """
+        from curate.backends.cache import backend_key
+
+        options = self.models.options()
+        return {backend_key(self.models.kind, model, options) for model in self.model_refs()}
+
+    def engines_shared_across_threads(self) -> bool:
+        """Whether this stage's backend takes calls from two threads at once into one batch (vLLM).
+
+        Example: Responses(ResponsesParams(model="smollm2-135m-instruct")).engines_shared_across_threads() -> True
+        """
+        from curate.backends.registry import backend_entry
+
+        return bool(getattr(backend_entry(self.models.kind).factory(), "shared_across_threads", False))
+
     def open(self) -> None:
         """Load every model of `model_refs()` (once per process). Example: stage.open()"""
         for model in self.model_refs():

@@ -22,6 +22,7 @@ Example: with segment_progress("judge", {key: "judge"}, {0: 6}, {}, 0, key) as b
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -48,38 +49,40 @@ def per_second(rate: float) -> str:
 # Hooks: called where the work happens ------------------------------------------------------------
 
 _LISTENING: dict[str, "SegmentProgress"] = {}  # segment key -> its progress, for parts computed in this process
-_current: tuple["SegmentProgress", int] | None = None  # the part being computed here, and its segment
+# the part being computed in this thread (or context), and its segment: two parts may compute at once
+_CURRENT: contextvars.ContextVar["tuple[SegmentProgress, int] | None"] = contextvars.ContextVar("curate_part", default=None)
 
 
 @contextlib.contextmanager
 def computing_part(segment_key: str, index: int) -> Iterator[None]:
-    """Mark part `index` of a segment as the one the hooks advance (no-op when nobody listens).
+    """Mark part `index` of a segment as the one this thread's hooks advance (no-op when nobody listens).
 
     Example: with computing_part(task.segment_key, task.index): run the stages
     """
-    global _current
     segment = _LISTENING.get(segment_key)
     if segment is None:
         yield
         return
-    _current = (segment, index)
+    token = _CURRENT.set((segment, index))
     try:
         yield
         segment.part_finished(index)
     finally:
-        _current = None
+        _CURRENT.reset(token)
 
 
 def work_started(items: int) -> None:
     """The running part's stage will process `items` more work items. Example: work_started(len(requests))"""
-    if _current is not None and items > 0:
-        _current[0].work(_current[1], expected=items)
+    current = _CURRENT.get()
+    if current is not None and items > 0:
+        current[0].work(current[1], expected=items)
 
 
 def work_done(items: int = 1) -> None:
     """`items` work items of the running part are finished. Example: work_done()  # one request answered"""
-    if _current is not None and items > 0:
-        _current[0].work(_current[1], done=items)
+    current = _CURRENT.get()
+    if current is not None and items > 0:
+        current[0].work(current[1], done=items)
 
 
 def work_running(items: float) -> None:
@@ -87,8 +90,9 @@ def work_running(items: float) -> None:
 
     Example: work_running(12 * 0.4)  # 12 requests decoding, 40% of their token budget used
     """
-    if _current is not None:
-        _current[0].work(_current[1], running=items)
+    current = _CURRENT.get()
+    if current is not None:
+        current[0].work(current[1], running=items)
 
 
 @contextlib.contextmanager
@@ -97,10 +101,11 @@ def activity(text: str) -> Iterator[None]:
 
     Example: with activity("loading models"): open the stages
     """
-    if _current is None:
+    current = _CURRENT.get()
+    if current is None:
         yield
         return
-    segment = _current[0]
+    segment = current[0]
     segment.activity = text
     try:
         yield

@@ -101,7 +101,7 @@ def run_segment(plan: Plan, store: Store, segment: Segment, executor: Executor, 
         if not todo:
             return
         state_key = fit_state(plan, store, segment, executor, run_log) if segment.global_stage else None
-        for result in executor.map(run_part, segment_tasks(store.root, segment, todo, state_key)):
+        for result in executor.map(run_part, segment_tasks(store.root, segment, todo, state_key, rows)):
             _commit(store, result, run_log, stage_ids)
             progress.committed(result)
     store.discard_attempts(segment.key)  # every part is committed: what is left there was orphaned by a dead worker
@@ -170,7 +170,7 @@ def run_pipeline(pipeline: Pipeline, out: str | None = None, refresh: list[str] 
     out_dir = prepare_out_dir(pipeline, out)
     if executor is None:
         spec = pipeline.spec.executor
-        executor = make_executor(spec.kind, spec.workers, spec.scheduler)
+        executor = make_executor(spec.kind, spec.workers, spec.scheduler, spec.overlap_parts)
     try:
         with _exclusive(out_dir):
             return _run_locked(pipeline, out_dir, refresh, started, executor)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class PartTask:
     index: int
     stages: tuple[StageTask, ...]
     state_key: str | None = None  # the fitted state of the segment's global stage
+    rows: int = 0  # rows the input part holds (0: not known), for scheduling only
 
     @property
     def label(self) -> str:
@@ -114,6 +116,7 @@ class PartResult:
 
 _STAGES: dict[str, PlannedStage] = {}
 _OPENED: set[str] = set()
+_OPENING = threading.Lock()  # two parts computed at once (curate.executors) open each stage once
 
 
 def adopt_planned(stages: list[PlannedStage]) -> None:
@@ -130,12 +133,13 @@ def open_stage(planned: PlannedStage) -> float:
 
     Example: open_stage(plan.stage("judge")) -> 11.8
     """
-    if planned.key in _OPENED:
-        return 0.0
-    started = time.perf_counter()
-    planned.bound.stage.open()
-    _OPENED.add(planned.key)
-    return time.perf_counter() - started
+    with _OPENING:
+        if planned.key in _OPENED:
+            return 0.0
+        started = time.perf_counter()
+        planned.bound.stage.open()
+        _OPENED.add(planned.key)
+        return time.perf_counter() - started
 
 
 def close_stages(keys: list[str] | None = None) -> None:
@@ -330,10 +334,15 @@ def summarize_part(task: SummaryTask) -> str:
     return path
 
 
-def segment_tasks(root: str, segment: Segment, indexes: list[int], state_key: str | None) -> list[PartTask]:
-    """The tasks of the given parts of a segment. Example: segment_tasks("out/q", seg, [0, 1], None)"""
+def segment_tasks(root: str, segment: Segment, indexes: list[int], state_key: str | None,
+                  rows: dict[int, int] | None = None) -> list[PartTask]:
+    """The tasks of the given parts of a segment (`rows`: rows in each input part, where known).
+
+    Example: segment_tasks("out/q", seg, [0, 1], None, {0: 16, 1: 16})
+    """
     stages = tuple(StageTask.of(p) for p in segment.stages)
-    return [PartTask(root, segment.key, segment.parent_key, i, stages, state_key) for i in indexes]
+    rows = rows or {}
+    return [PartTask(root, segment.key, segment.parent_key, i, stages, state_key, rows.get(i, 0)) for i in indexes]
 
 
 __all__ = ["Computed", "PartResult", "PartTask", "StageTask", "SummaryTask", "summarize_part", "adopt_planned", "close_stages", "compute_part",

@@ -86,7 +86,7 @@ def test_hooks_do_nothing_outside_a_listened_part():
     progress.work_done(5)
     with progress.computing_part("no-such-segment", 0), progress.activity("loading"):
         progress.work_done()
-    assert progress._current is None
+    assert progress._CURRENT.get() is None
 
 
 PROMPTS = ["Name a fruit.", "What is 2 + 2?", "Say hi in French.", "Name a colour.", "Why is ice cold?", "Count to 3."]

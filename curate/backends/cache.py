@@ -109,14 +109,15 @@ def _make_room(kind: str, model: str, options: dict[str, Any]) -> None:
         _close(backend)
 
 
-def _key(kind: str, model: str, options: dict[str, Any]) -> tuple:
+def backend_key(kind: str, model: str, options: dict[str, Any]) -> tuple:
+    """What tells loaded backends apart: kind, model and load options. Example: backend_key("vllm", m, {}) -> ('vllm', m, ())"""
     return (kind, model, tuple(sorted((k, repr(v)) for k, v in options.items())))
 
 
 def cached(kind: str, model: str, **options: Any) -> Any | None:
     """The loaded backend for (kind, model, options), or None; loads nothing. Example: cached("vllm", m)"""
     with _LOCK:
-        return _CACHE.get(_key(kind, model, options))
+        return _CACHE.get(backend_key(kind, model, options))
 
 
 def open_backend(kind: str, model: str, **options: Any) -> Any:
@@ -124,7 +125,7 @@ def open_backend(kind: str, model: str, **options: Any) -> Any:
 
     Example: open_backend("transformers", path, dtype="float32")
     """
-    key = _key(kind, model, options)
+    key = backend_key(kind, model, options)
     with _LOCK:
         backend = _CACHE.get(key)
         if backend is not None:

@@ -19,17 +19,18 @@ for memory before this.
 Checkpoints curate converted (GGUF built-ins) are loaded from a copy in the dtype the engine
 runs (`curate.models.checkpoint_in_dtype`; `auto` resolved as vLLM would), so no weight is cast
 while loading. Prompts are rendered to token ids by `curate.backends.base.encode_prompt`, so vLLM
-and transformers see identical ids. Leaves out: hidden states (transformers serves those).
+and transformers see identical ids. Two threads may call it at once (two parts computed
+together): their requests share the engine's batch (`curate.backends.engine_streams`).
+Leaves out: hidden states (transformers serves those).
 
 Example: VLLMBackend("smollm2-135m-instruct").generate([ChatRequest(msgs, GenerationParams(max_tokens=64))])
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -42,8 +43,9 @@ from curate.backends.base import (
     encode_prompt,
     end_of_turn_id,
 )
+from curate.backends.engine_streams import EngineStreams
 from curate.models import checkpoint_in_dtype, resolve_model
-from curate.progress import work_done, work_running, work_started
+from curate.progress import work_done, work_started
 
 log = logging.getLogger(__name__)
 
@@ -55,36 +57,6 @@ def _on_cuda() -> bool:
         return torch.cuda.is_available()
     except ImportError:  # pragma: no cover - vllm always brings torch
         return False
-
-
-@contextlib.contextmanager
-def _count_tokens(engine: Any) -> Iterator[list]:
-    """Count the tokens the engine generates while the block runs: `[n]`, or `[None]` without a hook.
-
-    Wraps the engine's `output_processor.process_outputs` on this instance only (each step passes
-    it the new token ids of every running request); the class method is back when the block ends.
-    """
-    counted: list = [None]
-    processor = getattr(engine, "output_processor", None)
-    original = getattr(processor, "process_outputs", None)
-    if original is None:
-        yield counted
-        return
-    counted[0] = 0
-
-    def counting(outputs: list, *args: Any, **kwargs: Any) -> Any:
-        counted[0] += sum(len(getattr(o, "new_token_ids", ()) or ()) for o in outputs)
-        return original(outputs, *args, **kwargs)
-
-    own = vars(processor).get("process_outputs")  # normally None: the method comes from the class
-    processor.process_outputs = counting
-    try:
-        yield counted
-    finally:
-        if own is None:
-            del processor.process_outputs
-        else:
-            processor.process_outputs = own
 
 
 def auto_dtype() -> str:
@@ -146,6 +118,7 @@ class VLLMBackend:
         if gpu_memory_utilization is not None and cuda:
             options["gpu_memory_utilization"] = gpu_memory_utilization
         self.llm = LLM(**options)
+        self.streams = EngineStreams(self.llm)  # callers on two threads share the engine's batch
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
@@ -168,6 +141,7 @@ class VLLMBackend:
         )
 
     streams_requests = True  # generate calls `on_done` as each request finishes
+    shared_across_threads = True  # two threads may generate at once: their requests share one batch (EngineStreams)
 
     def generate(self, requests: list[ChatRequest],
                  on_done: Callable[[int, list[Completion]], None] | None = None) -> list[list[Completion]]:
@@ -195,7 +169,7 @@ class VLLMBackend:
                 on_done(i, results[i])
         if prompts:
             budget = sum(p.max_tokens * p.n for p in params) / len(params)
-            for i, output in self._stream(prompts, params, where, budget=budget):
+            for i, output in self.streams.stream(prompts, params, where, budget=budget):
                 n_prompt = len(output.prompt_token_ids)
                 results[i] = [
                     Completion(c.text, c.finish_reason, len(c.token_ids), n_prompt, self.name) for c in output.outputs
@@ -203,33 +177,6 @@ class VLLMBackend:
                 if on_done is not None:
                     on_done(i, results[i])
         return results
-
-    def _stream(self, prompts: list, params: list, where: list[int],
-                budget: float | None = None) -> Iterator[tuple[int, Any]]:
-        """(request index, finished output) as the engine finishes each request.
-
-        With `budget` (tokens a request may generate: max_tokens x n), the requests still running
-        count as done in proportion to the tokens they generated, for the progress bar
-        (`curate.progress.work_running`), so a part whose requests all finish together still
-        moves while it decodes. The tokens are counted where the engine hands its step outputs
-        to its output processor (`_count_tokens`); without that hook, only finished requests count.
-        """
-        ids = self.llm.enqueue(prompts, params, use_tqdm=False)
-        # outputs carry the request id without the random suffix enqueue returns ('0' for '0-86b4a4cf')
-        index = {rid.split("-", 1)[0]: i for rid, i in zip(ids, where)} | dict(zip(ids, where))
-        engine = self.llm.llm_engine
-        running, finished_tokens = len(ids), 0
-        with _count_tokens(engine if budget else None) as generated:
-            while engine.has_unfinished_requests():
-                finished = [o for o in engine.step() if o.finished and o.request_id in index]
-                running -= len(finished)
-                if budget and generated[0] is not None:
-                    finished_tokens += sum(len(c.token_ids) for o in finished for c in o.outputs)
-                    work_running(min(running, max(0, generated[0] - finished_tokens) / budget))
-                for output in finished:
-                    yield index[output.request_id], output
-        if budget:
-            work_running(0.0)
 
     # Scoring ------------------------------------------------------------------------------
     def logprobs(self, items: list[ScoreItem]) -> list[np.ndarray]:
@@ -250,7 +197,7 @@ class VLLMBackend:
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids, _ in encoded]
         outputs: list[Any] = [None] * len(prompts)
         work_started(len(prompts))
-        for i, output in self._stream(prompts, [params] * len(prompts), list(range(len(prompts)))):
+        for i, output in self.streams.stream(prompts, [params] * len(prompts), list(range(len(prompts)))):
             outputs[i] = output
             work_done()
         spans = []
@@ -264,7 +211,7 @@ class VLLMBackend:
         llm = getattr(self, "llm", None)
         if llm is None:
             return
-        self.llm = None
+        self.llm = self.streams = None
         del llm
         gc.collect()
         if _on_cuda():
