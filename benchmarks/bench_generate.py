@@ -6,7 +6,8 @@
 2. Scoring: the transformers scoring interface (`HFBackend.logprobs`, length-bucketed batches,
    span extraction) against a raw padded batched forward pass with log-softmax over the same
    token ids. Prints scored tok/s and the ratio (goal >= 0.9).
-3. Small parts: the same stage through whole runs with `part_rows: 16` against one part of all
+3. Small parts: the same stage through whole runs with `part_rows: 16` (and `executor:
+   {overlap_parts: true}`, which computes them at once on the engine) against one part of all
    prompts (`--part-prompts`), same engine; prints `small parts vs one part` (goal >= 0.95).
 
 Example: python benchmarks/bench_generate.py --prompts 16 --n 4 --max-tokens 64
@@ -80,7 +81,7 @@ def bench_parts(args: argparse.Namespace) -> None:
     from curate.runner import run_pipeline
 
     generation = {"max_tokens": args.max_tokens, "n": args.n, "temperature": 0.7, "top_p": 0.9}
-    pipeline = (f"source: {{path: prompts.jsonl, part_rows: PART}}\nstages:\n  - stage: generators.responses\n"
+    pipeline = (f"source: {{path: prompts.jsonl, part_rows: PART}}\nexecutor: {{overlap_parts: true}}\nstages:\n  - stage: generators.responses\n"
                 f"    id: gen\n    params: {{model: {args.model}, dtype: {args.dtype}, generation: {json.dumps(generation)}}}\n")
     work = tempfile.mkdtemp(prefix="curate-bench-parts-")
     with open(os.path.join(work, "prompts.jsonl"), "w") as f:
@@ -103,7 +104,7 @@ def bench_parts(args: argparse.Namespace) -> None:
         one.append(run(10_000, attempt))
     s, o = statistics.median(small), statistics.median(one)
     print(f"generation through a run ({args.part_prompts} prompts x n={args.n} x {args.max_tokens} tokens):")
-    print(f"  parts of 16 prompts: {s:8.1f} tok/s; one part: {o:8.1f} tok/s (medians of {args.repeats})")
+    print(f"  parts of 16 prompts (executor: {{overlap_parts: true}}): {s:8.1f} tok/s; one part: {o:8.1f} tok/s (medians of {args.repeats})")
     print(f"  small parts vs one part: {s / o:.3f}  (goal >= 0.95)")
 
 

@@ -50,8 +50,8 @@ class ExecutorSpec(BaseModel):
     kind: Literal["local", "dask"] = Field("local", description="local: in this process; dask: on a Dask cluster")
     workers: int | None = Field(None, ge=1, description="dask: worker processes of a LocalCluster (default: CPU count)")
     scheduler: str | None = Field(None, description="dask: address of an existing scheduler, e.g. tcp://host:8786")
-    overlap_parts: bool = Field(True, description="local: compute two parts at once when their model stages share one "
-                                "vLLM engine, so its batch stays full across part boundaries; false: one after the other (pdb)")
+    overlap_parts: bool = Field(False, description="local: compute several parts at once when their model stages share "
+                                "one vLLM engine, so small parts still fill its batch (outputs then depend on thread timing)")
 
 
 class PipelineSpec(BaseModel):

@@ -4,7 +4,7 @@
 first task error after the tasks already running have finished. `LocalExecutor` (the default)
 computes tasks in this process, one after the other, so pdb and tracebacks work as usual;
 writing a computed part runs on background threads while the next part computes. One exception
-(`overlap_parts`, on by default): when every model stage of a segment runs on one engine that
+(`overlap_parts`, off by default): when every model stage of a segment runs on one engine that
 takes requests from several threads into one batch (vLLM, `curate.backends.engine_streams`),
 several parts compute at once, each on its own thread: as many as fill a batch of BATCH_ROWS
 rows (at least 2, at most MAX_AT_ONCE). So small parts still give the engine a full batch, and
@@ -13,7 +13,8 @@ the next part's requests join it while the current part's last ones drain. Measu
 tokens/s it serves 256 at, and two 64-sequence parts at once gained little; a part boundary
 alone costs less than the batch size does. This thread steps the engine for the parts while
 it waits for them (torch decodes slower on a thread that did not build the engine).
-`executor: {overlap_parts: false}` turns it off (pdb).
+Off by default: which requests share a batch then depends on thread timing, and a sampled
+token can depend on its batch, so runs (and executors) would no longer give identical output.
 The Dask executor lives in `curate.executors_dask`.
 
 Example: for result in LocalExecutor().map(run_part, tasks): store.commit_files(...)
@@ -143,7 +144,7 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, overlap_parts: bool = True):
+    def __init__(self, overlap_parts: bool = False):
         self.overlap_parts = overlap_parts
 
     def prepare(self, stages: Iterable[Any], root: str) -> None:
@@ -187,7 +188,7 @@ class LocalExecutor:
 
 
 def make_executor(kind: str = "local", workers: int | None = None, scheduler: str | None = None,
-                  overlap_parts: bool = True) -> Executor:
+                  overlap_parts: bool = False) -> Executor:
     """The executor a run asks for: `local`, or `dask` (a LocalCluster of `workers`, or `scheduler`).
 
     `DASK_SCHEDULER_ADDRESS` in the environment stands for `scheduler`. Example: make_executor("dask", workers=2)
