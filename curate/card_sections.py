@@ -188,13 +188,15 @@ def column_statistics(files: list[str], schema: pa.Schema) -> list[dict[str, Any
     return out
 
 
-def text_lengths(array: pa.Array) -> np.ndarray:
+def text_lengths(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Characters per row: a string, or the summed `content` of a list of {role, content} turns (null = 0).
 
     Example: text_lengths(pa.array(["ab", None])) -> array([2, 0])
     """
-    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
-        return pc.fill_null(pc.utf8_length(array), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):  # chunked or not: no copy
+        return np.asarray(pc.fill_null(pc.utf8_length(array), 0), dtype=np.int64)
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()  # list parent indices count from each chunk's start
     if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
         parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
         contents = pc.struct_field(pc.list_flatten(array), "content")
@@ -211,7 +213,7 @@ def length_counts(table: pa.Table) -> dict[str, int] | None:
     """
     if not {"chosen", "rejected"} <= set(table.column_names):
         return None
-    chosen, rejected = text_lengths(table.column("chosen").combine_chunks()), text_lengths(table.column("rejected").combine_chunks())
+    chosen, rejected = text_lengths(table.column("chosen")), text_lengths(table.column("rejected"))
     return {"chosen_longer": int((chosen > rejected).sum()), "chosen_shorter": int((chosen < rejected).sum()),
             "equal": int((chosen == rejected).sum()), "chosen_chars": int(chosen.sum()),
             "rejected_chars": int(rejected.sum())}

@@ -6,16 +6,16 @@ memory-mapped Arrow files), applies `limit` / `sample`, assigns ids, parses HH d
 normalises each chunk to the data contract (`curate.sources.normalize`) and writes parts of
 exactly `part_rows` rows. Peak memory is bounded by a part plus one read chunk, whatever the
 size of the source:
-- Id repeats are found from `(id, position, part, offset)` of every row, held in memory up to
-  SPILL_BYTES and beyond that spilled into `ID_BUCKETS` files by a hash of the id, then checked
-  one bucket at a time; content-hash ids
-  that repeat get `-2`, `-3` suffixes in source order (as `sources._row_ids` gives), given ids
-  that repeat are an error naming both rows. The few parts that hold a repeat are rewritten.
+- Id repeats are checked with bounded memory (`curate.ingest_ids`): content-hash ids that repeat
+  get `-2`, `-3` suffixes in source order, given ids that repeat are an error naming both rows.
+  The few parts that hold a repeat are rewritten.
 - Chunks of a JSONL file can infer different types for one column (all null in one block):
   the part schemas are unified at the end and the parts that differ are cast.
 Parts are staged and committed (with a manifest line each, like every segment) only once the
 whole source is ingested, and `source.json` is written last: an ingest cut short is redone from
-the start; a committed one is never redone. Leaves out: splitting the ingest of one source
+the start; a committed one is never redone. A `PartFeed` gets each part as it is written (the
+runner computes the first segment on it there and then, `curate.fused`), and the indexes of the
+parts rewritten at the end. Leaves out: splitting the ingest of one source
 across workers (it runs on the driver; every later task reads its part from the store).
 
 Example: info = ingest_source(spec, ".", store); store.read_part(info.key, 0).num_rows
@@ -32,10 +32,9 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Protocol
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
@@ -43,6 +42,7 @@ import pyarrow.parquet as pq
 
 from curate.contract import REASON
 from curate.errors import InputError
+from curate.ingest_ids import IdSpill, apply_fixes, repeat_fixes
 from curate.plan import SourceInfo
 from curate.reading import PREVIEW_ROWS, Chunk, selected_chunks, source_key
 from curate.sources import SourceSpec, _parse_hh, _row_ids, normalize
@@ -51,8 +51,6 @@ from curate.store import ARROW_SUFFIX, Store, fsync_file, read_table_file, write
 log = logging.getLogger(__name__)
 
 SOURCE_ID = "source"
-ID_BUCKETS = 64  # spill files of the id repeat check (each holds ~1/64 of the ids)
-SPILL_BYTES = 64 << 20  # ids held in memory before the repeat check spills them to bucket files
 WRITERS = 2  # threads writing staged parts (at most this many parts wait in memory besides the one being filled)
 
 
@@ -109,85 +107,16 @@ def prepare_chunk(spec: SourceSpec, chunk: Chunk, positions: np.ndarray) -> Prep
 # Writing parts --------------------------------------------------------------------------------
 
 
-class _IdSpill:
-    """(id, position, part, offset, is_reject) of every row: held in memory up to SPILL_BYTES, then
-    spilled to ID_BUCKETS files by a hash of the id, so the repeat check holds one bucket at a time."""
+class PartFeed(Protocol):
+    """Who else gets each source part as ingest writes it. Example: ingest_source(spec, ".", store, feed=feed)"""
 
-    SCHEMA = pa.schema([("id", pa.string()), ("pos", pa.int64()), ("part", pa.int32()), ("offset", pa.int32()),
-                        ("reject", pa.bool_())])
+    def take(self, index: int, part: pa.Table) -> None:
+        """Part `index` is written (staged, not committed); called on an ingest writer thread."""
+        ...
 
-    def __init__(self, folder: str):
-        self.folder = folder
-        self.held: list[pa.RecordBatch] = []
-        self.held_bytes = 0
-        self.writers: dict[int, ipc.RecordBatchStreamWriter] = {}
-
-    def add(self, ids: pa.Array, positions: np.ndarray, part: np.ndarray, offset: np.ndarray, reject: np.ndarray) -> None:
-        batch = pa.record_batch([ids, pa.array(positions, pa.int64()), pa.array(part, pa.int32()),
-                                 pa.array(offset, pa.int32()), pa.array(reject, pa.bool_())], schema=self.SCHEMA)
-        self.held.append(batch)
-        self.held_bytes += batch.nbytes
-        if self.held_bytes > SPILL_BYTES:
-            for held in self.held:
-                self._spill(held)
-            self.held, self.held_bytes = [], 0
-
-    def _spill(self, batch: pa.RecordBatch) -> None:
-        buckets = pl.from_arrow(batch.column(0)).hash(seed=0).to_numpy() % ID_BUCKETS
-        batch = batch.take(pa.array(np.argsort(buckets, kind="stable")))  # grouped by bucket: one slice each
-        ends = np.cumsum(np.bincount(buckets, minlength=ID_BUCKETS))
-        start = 0
-        for bucket, end in enumerate(ends):
-            if end > start:
-                self._writer(bucket).write_batch(batch.slice(start, end - start))
-            start = end
-
-    def _writer(self, bucket: int) -> ipc.RecordBatchStreamWriter:
-        writer = self.writers.get(bucket)
-        if writer is None:
-            os.makedirs(self.folder, exist_ok=True)
-            sink = pa.OSFile(os.path.join(self.folder, f"{bucket:03d}.arrow"), "wb")
-            writer = self.writers[bucket] = ipc.new_stream(sink, self.SCHEMA)
-        return writer
-
-    def buckets(self) -> Iterator[pl.DataFrame]:
-        """Every row's record, one bucket at a time (everything at once when nothing was spilled)."""
-        if not self.writers:
-            if self.held:
-                yield pl.from_arrow(pa.Table.from_batches(self.held, self.SCHEMA))
-            return
-        for held in self.held:
-            self._spill(held)
-        self.held = []
-        for writer in self.writers.values():
-            writer.close()
-        for bucket in sorted(self.writers):
-            with pa.OSFile(os.path.join(self.folder, f"{bucket:03d}.arrow"), "rb") as f:
-                yield pl.from_arrow(ipc.open_stream(f).read_all())
-
-
-def _repeats(spill: _IdSpill, hashed: bool, where) -> dict[tuple[bool, int], dict[int, str]]:
-    """New ids for repeated content-hash ids, by (is_reject, part) and offset; a repeated given id is an error."""
-    fixes: dict[tuple[bool, int], dict[int, str]] = {}
-    for frame in spill.buckets():
-        if frame.height == frame["id"].hash().n_unique():  # distinct hashes mean distinct ids (~4x faster)
-            continue
-        frame = frame.sort("pos").with_columns(occurrence=pl.int_range(1, pl.len() + 1).over("id"))
-        repeats = frame.filter(pl.col("occurrence") > 1)
-        if not hashed:
-            first = repeats.row(0, named=True)
-            seen = frame.filter((pl.col("id") == first["id"]) & (pl.col("occurrence") == 1)).row(0, named=True)
-            raise InputError(f"'id' {first['id']!r} is not unique (first at {where(seen['pos'])})", where=where(first["pos"]))
-        for row in repeats.iter_rows(named=True):
-            fixes.setdefault((row["reject"], row["part"]), {})[row["offset"]] = f"{row['id']}-{row['occurrence']}"
-    return fixes
-
-
-def _apply_fixes(table: pa.Table, fixes: dict[int, str]) -> pa.Table:
-    ids = table.column("id").to_pylist()
-    for offset, new in fixes.items():
-        ids[offset] = new
-    return table.set_column(0, "id", pa.array(ids, pa.string()))
+    def discard(self, indexes: set[int]) -> None:
+        """These parts were rewritten after `take` (an id repeat fixed, a column type unified)."""
+        ...
 
 
 @dataclass
@@ -196,6 +125,7 @@ class _Staging:
 
     folder: str
     part_rows: int
+    compression: str | None = None  # of the Arrow IPC parts (`source.compress_parts`)
     parts: int = 0
     rows: int = 0
     rejected: int = 0
@@ -216,21 +146,23 @@ def _where_in(origins: list[tuple[int, Chunk]]):
     return where
 
 
-def ingest_source(spec: SourceSpec, base_dir: str, store: Store, key: str | None = None) -> SourceInfo:
+def ingest_source(spec: SourceSpec, base_dir: str, store: Store, key: str | None = None,
+                  feed: PartFeed | None = None) -> SourceInfo:
     """Stream the source into committed parts under its key (a no-op when they are already there).
 
-    Example: ingest_source(SourceSpec(path="x.jsonl", part_rows=1000), ".", Store("out/x")).n_parts
+    `feed` also gets every part as it is written (`PartFeed`). Example: ingest_source(SourceSpec(path="x.jsonl", part_rows=1000), ".", Store("out/x")).n_parts
     """
     key = key or source_key(spec, base_dir)
     cached = read_source_info(store, key)
     if cached is not None:
         return cached
     started = time.perf_counter()
-    staging = _Staging(os.path.join(store.key_dir(key), f"staging.tmp-{os.getpid()}"), spec.part_rows)
+    staging = _Staging(os.path.join(store.key_dir(key), f"staging.tmp-{os.getpid()}"), spec.part_rows,
+                       "lz4" if spec.compress_parts else None)
     shutil.rmtree(staging.folder, ignore_errors=True)
-    spill = _IdSpill(os.path.join(staging.folder, "ids"))
+    spill = IdSpill(os.path.join(staging.folder, "ids"))
     try:
-        info = _stream_into(spec, base_dir, staging, spill, key)
+        info = _stream_into(spec, base_dir, staging, spill, key, feed)
         info.seconds = time.perf_counter() - started
         _commit_source(store, key, staging, info)
     finally:
@@ -242,15 +174,16 @@ def ingest_source(spec: SourceSpec, base_dir: str, store: Store, key: str | None
 class _Parts:
     """Cuts the kept rows into parts of exactly `part_rows` and files rejects with the part being filled."""
 
-    def __init__(self, staging: _Staging):
+    def __init__(self, staging: _Staging, feed: PartFeed | None = None):
         self.staging = staging
+        self.feed = feed
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.rejects: dict[int, list[pa.Table]] = {}
         self.reject_rows: Counter[int] = Counter()
         self.schemas: dict[int, pa.Schema] = {}
         self.pool = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="curate-ingest")
-        self.writes: deque[Future] = deque()  # parts are written while the next chunk is read
+        self.writes: deque[list[Future]] = deque()  # each part's jobs run while the next chunk is read
 
     @property
     def filling(self) -> int:
@@ -281,21 +214,38 @@ class _Parts:
             table = pa.concat_tables(self.buffer, promote_options="permissive") if len(self.buffer) > 1 else self.buffer[0]
             part, rest = table.slice(0, size), table.slice(size)
             index = self.staging.parts
-            self.writes.append(self.pool.submit(write_arrow_atomic, part, self.staging.part_path(index)))
-            while len(self.writes) > WRITERS:  # bounded memory: wait for the oldest write
-                self.writes.popleft().result()
+            self.writes.append(self._write(part, index))
+            while len(self.writes) > WRITERS:  # bounded memory: wait for the oldest part's jobs
+                for job in self.writes.popleft():
+                    job.result()
             self.schemas[index] = part.schema
             self.staging.parts += 1
             self.staging.rows += part.num_rows
             self.buffer, self.buffered = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
             self._write_rejects(index, index)
 
+    def _write(self, part: pa.Table, index: int) -> list[Future]:
+        """A part's jobs on the writer threads: to disk (fsynced, so the commit needs no wait) and to the feed,
+        side by side (the last part's two jobs no longer run one after the other)."""
+        jobs = [self.pool.submit(write_arrow_atomic, part, self.staging.part_path(index), True, self.staging.compression)]
+        if self.feed is not None:
+            jobs.append(self.pool.submit(self.feed.take, index, part))
+        return jobs
+
+    def abandon(self) -> None:
+        """Wait for the writes in flight (their errors are not the first one) and stop the writers."""
+        for jobs in self.writes:
+            for job in jobs:
+                job.exception()
+        self.pool.shutdown()
+
     def close(self) -> dict[tuple[bool, int], tuple[int, int]]:
         """Write the last part; rejects after the last kept row join the last part's file. Returns their remap."""
         self.flush(final=True)
         try:
-            for write in self.writes:
-                write.result()
+            for jobs in self.writes:
+                for job in jobs:
+                    job.result()
         finally:
             self.pool.shutdown()
         remap = {}
@@ -320,33 +270,41 @@ class _Parts:
         self.staging.rejected += sum(t.num_rows for t in tables)
 
 
-def _stream_into(spec: SourceSpec, base_dir: str, staging: _Staging, spill: _IdSpill, key: str) -> SourceInfo:
-    parts = _Parts(staging)
+def _stream_into(spec: SourceSpec, base_dir: str, staging: _Staging, spill: IdSpill, key: str,
+                 feed: PartFeed | None) -> SourceInfo:
+    parts = _Parts(staging, feed)
     dropped: Counter[str] = Counter()
     origins: list[tuple[int, Chunk]] = []
     hashed = False
-    for chunk, positions in selected_chunks(spec, base_dir):
-        prepared = prepare_chunk(spec, chunk, positions)
-        chunk.table = None  # keep only where it came from, for error messages
-        origins.append((chunk.start, chunk))
-        hashed = hashed or prepared.hashed
-        if prepared.rejected is not None:
-            dropped.update(prepared.rejected.column(REASON).to_pylist())
-        part, offset = parts.place(prepared)
-        spill.add(prepared.ids, positions, part, offset, ~prepared.kept_mask)
-        parts.flush()
-    if not staging.rows and not parts.buffered:
-        raise InputError("the source has no rows" if not dropped else "every source row was dropped at ingest",
-                         where=spec.path or spec.hub)
+    try:
+        for chunk, positions in selected_chunks(spec, base_dir):
+            prepared = prepare_chunk(spec, chunk, positions)
+            chunk.table = None  # keep only where it came from, for error messages
+            origins.append((chunk.start, chunk))
+            hashed = hashed or prepared.hashed
+            if prepared.rejected is not None:
+                dropped.update(prepared.rejected.column(REASON).to_pylist())
+            part, offset = parts.place(prepared)
+            spill.add(prepared.ids, positions, part, offset, ~prepared.kept_mask)
+            parts.flush()
+        if not staging.rows and not parts.buffered:
+            raise InputError("the source has no rows" if not dropped else "every source row was dropped at ingest",
+                             where=spec.path or spec.hub)
+        parts.flush(final=True)
+        fixes = repeat_fixes(spill, hashed, _where_in(origins))  # while the last parts are still being written
+    except BaseException:
+        parts.abandon()  # no writer thread still writing into a staging folder about to be removed
+        raise
     remap = parts.close()
-    fixes = _repeats(spill, hashed, _where_in(origins))
     for old, (index, shift) in remap.items():
         if old in fixes and old != (True, index):
             moved = {offset + shift: new for offset, new in fixes.pop(old).items()}
             fixes.setdefault((True, index), {}).update(moved)
         elif old in fixes and shift:
             fixes[old] = {offset + shift: new for offset, new in fixes[old].items()}
-    _finish_parts(staging, parts.schemas, fixes)
+    rewritten = _finish_parts(staging, parts.schemas, fixes)
+    if feed is not None and rewritten:
+        feed.discard(rewritten)
     return SourceInfo(key=key, schema=_unified(parts.schemas), rows_in=staging.rows + sum(dropped.values()),
                       rows=staging.rows, n_parts=staging.parts, dropped=dict(dropped))
 
@@ -361,21 +319,24 @@ def _unified(schemas: dict[int, pa.Schema]) -> pa.Schema:
         raise InputError(f"rows do not share one type per column across the source: {exc}") from None
 
 
-def _finish_parts(staging: _Staging, schemas: dict[int, pa.Schema], fixes: dict[tuple[bool, int], dict[int, str]]) -> None:
-    """Rewrite the parts that hold a repeated id or a column type other than the unified one."""
+def _finish_parts(staging: _Staging, schemas: dict[int, pa.Schema], fixes: dict[tuple[bool, int], dict[int, str]]) -> set[int]:
+    """Rewrite the parts that hold a repeated id or a column type other than the unified one; their indexes."""
     schema = _unified(schemas)
+    rewritten = set()
     for index, part_schema in schemas.items():
         fix = fixes.get((False, index))
         if fix is None and part_schema.equals(schema):
             continue
         table = read_table_file(staging.part_path(index))
         if fix:
-            table = _apply_fixes(table, fix)
-        write_arrow_atomic(_cast_to(table, schema), staging.part_path(index))
+            table = apply_fixes(table, fix)
+        write_arrow_atomic(_cast_to(table, schema), staging.part_path(index), durable=True, compression=staging.compression)
+        rewritten.add(index)
     for (reject, index), fix in fixes.items():
         if reject:
             path = staging.part_path(index, reject=True)
-            write_parquet_atomic(_apply_fixes(pq.read_table(path), fix), path)
+            write_parquet_atomic(apply_fixes(pq.read_table(path), fix), path)
+    return rewritten
 
 
 def _cast_to(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -400,8 +361,8 @@ def _commit_source(store: Store, key: str, staging: _Staging, info: SourceInfo) 
         files = {"data": staging.part_path(index)}
         reject = staging.part_path(index, reject=True)
         rejects = {SOURCE_ID: reject} if os.path.exists(reject) else {}
-        for path in [files["data"], *rejects.values()]:
-            fsync_file(path)  # on disk before the manifest names it
+        for path in rejects.values():
+            fsync_file(path)  # on disk before the manifest names it (parts were fsynced as they were written)
         rows = min(staging.part_rows, info.rows - index * staging.part_rows)
         dropped = dict(Counter(pq.read_table(reject, columns=[REASON]).column(REASON).to_pylist())) if rejects else {}
         store.commit_files(key, index, files["data"], rejects,
@@ -447,4 +408,4 @@ def source_rejects(store: Store, key: str) -> dict[int, str]:
     return {i: r["rejects"][SOURCE_ID] for i, r in store.finished(key).items() if SOURCE_ID in r.get("rejects", {})}
 
 
-__all__ = ["SOURCE_ID", "ingest_source", "preview_source", "read_source_info", "source_key"]
+__all__ = ["SOURCE_ID", "PartFeed", "ingest_source", "preview_source", "read_source_info", "source_key"]

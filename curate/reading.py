@@ -85,7 +85,7 @@ def source_key(spec: SourceSpec, base_dir: str) -> str:
         _, _, fingerprint = _read_dataset(spec, path)  # memory-mapped: opening reads no rows
     else:
         fingerprint = files_fingerprint(path)
-    how = spec.model_dump(mode="json", exclude={"path", "hub", "max_cell_bytes", "max_list_items"})  # limits change no row
+    how = spec.model_dump(mode="json", exclude={"path", "hub", "max_cell_bytes", "max_list_items", "compress_parts"})  # change no row
     return chain_key("", {"source": how, "content": fingerprint})
 
 

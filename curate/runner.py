@@ -8,7 +8,8 @@ stopped and an edited stage re-runs only its own segment and those after it. At 
 publishes the output (`curate.publish`) and writes the funnel (`curate.stats`, typed as
 `curate.record.RunStats`). Where each piece lives: ingest.py (the source), task.py (one part),
 executors.py (where parts run), store.py (the store and its commit), publish.py, stats.py,
-record.py (the run record and its reader), requests.py (the request-level cache).
+record.py (the run record and its reader), requests.py (the request-level cache), fused.py
+(the first segment's cheap stages run on each source part as it is ingested).
 
 Example: run_pipeline(load_pipeline("pipelines/quickstart.yaml"))["rows_out"]
 """
@@ -33,6 +34,7 @@ from curate.judges.icai_library import write_icai_artifacts
 from curate.config import Pipeline
 from curate.errors import ConfigError, CurateError
 from curate.executors import Executor, make_executor
+from curate.fused import first_segment_feed
 from curate.ingest import SOURCE_ID, ingest_source, preview_source, read_source_info, source_key
 from curate.plan import Plan, Segment, SourceInfo, build_plan, rename_in
 from curate.progress import live_bars, segment_progress
@@ -196,15 +198,23 @@ def _exclusive(out_dir: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _ingest(pipeline: Pipeline, store: Store, run_log: RunLog) -> SourceInfo:
+def _ingest(pipeline: Pipeline, store: Store, run_log: RunLog, executor: Executor) -> tuple[SourceInfo, list[PartResult]]:
+    """The committed source (ingested now unless it was), and first-segment parts computed meanwhile (`curate.fused`)."""
     spec, base = pipeline.spec.source, pipeline.base_dir
     key = source_key(spec, base)
     info = read_source_info(store, key)
-    if info is None:
-        started = time.perf_counter()
-        info = ingest_source(spec, base, store, key)
-        run_log.source_seconds = time.perf_counter() - started
-    return info
+    if info is not None:
+        return info, []
+    started = time.perf_counter()
+    feed = first_segment_feed(pipeline, store, key, executor.name)
+    try:
+        info = ingest_source(spec, base, store, key, feed)
+    except BaseException:
+        if feed is not None:
+            feed.abandon()
+        raise
+    run_log.source_seconds = time.perf_counter() - started
+    return info, feed.accepted(info) if feed is not None else []
 
 
 def _run_locked(pipeline: Pipeline, out_dir: str, refresh: list[str] | None, started: float,
@@ -214,7 +224,10 @@ def _run_locked(pipeline: Pipeline, out_dir: str, refresh: list[str] | None, sta
     run_log = RunLog()
     if refresh:
         _refresh(make_plan(pipeline, store), store, refresh)
-    plan = build_plan(pipeline, _ingest(pipeline, store, run_log))
+    info, computed = _ingest(pipeline, store, run_log, executor)
+    plan = build_plan(pipeline, info)
+    for result in computed:  # the first segment's parts computed during the ingest
+        _commit(store, result, run_log, {s.key: s.id for s in plan.segments[0].stages})
     write_text_atomic(json.dumps(plan.to_json(), indent=2), os.path.join(out_dir, PLAN_FILE))
     write_text_atomic(redact(pipeline.text), os.path.join(out_dir, PIPELINE_FILE))  # no URL credentials or tokens
     executor.prepare(plan.stages, store.root)

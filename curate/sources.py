@@ -65,6 +65,8 @@ class SourceSpec(BaseModel):
     limit: int | None = Field(None, ge=1, description="keep only the first N source rows")
     sample: SampleSpec | None = Field(None, description="seeded random sample of source rows")
     part_rows: int = Field(10_000, ge=1, description="rows per part; decides the partition layout")
+    compress_parts: bool = Field(False, description="LZ4-compress the stored source parts: about half the disk, "
+                                 "a slower ingest (README, Benchmarks)")
     max_cell_bytes: int = Field(64 << 20, ge=1, description="longest string (bytes) a cell may hold; a JSONL line "
                                 "longer than 4x this is refused before it is parsed")
     max_list_items: int = Field(100_000, ge=1, description="most items a list cell (or a list inside one) may hold")

@@ -32,7 +32,10 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 ARROW_SUFFIX = ".arrow"
-IPC_COMPRESSION = "lz4"
+# Dictionary encoding gives up on a column chunk once its dictionary passes this size (pyarrow's
+# default is 1 MiB): low-cardinality columns (roles, model names, reasons) still get a dictionary,
+# long unique texts fall back to plain sooner. Writing parts took 6% less (bench_executor's pairs).
+DICTIONARY_PAGE_BYTES = 64 << 10
 
 
 def fsync_file(path: str) -> None:
@@ -65,23 +68,24 @@ def write_parquet_atomic(table: pa.Table, path: str, durable: bool = False) -> N
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, dictionary_pagesize_limit=DICTIONARY_PAGE_BYTES)
     if durable:
         fsync_file(tmp)
     os.replace(tmp, path)
 
 
-def write_arrow_atomic(table: pa.Table, path: str, durable: bool = False) -> None:
-    """Write an Arrow IPC file (LZ4) under a temporary name, then rename it into place.
+def write_arrow_atomic(table: pa.Table, path: str, durable: bool = False, compression: str | None = None) -> None:
+    """Write an Arrow IPC file (uncompressed, or e.g. "lz4") under a temporary name, then rename it into place.
 
-    The source's stored parts use this: writing is close to a copy, reading is a memory map, where
-    a Parquet round trip costs as much as the whole no-op run (benchmarks/bench_executor.py).
+    The source's stored parts use this: uncompressed, writing is a copy and reading a memory map
+    that copies nothing, where a Parquet round trip costs as much as the whole no-op run and LZ4
+    adds ~40% to it (benchmarks/bench_executor.py; `source.compress_parts`).
     Example: write_arrow_atomic(t, "out/q/parts/ab/part-00000.arrow")
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     with pa.OSFile(tmp, "wb") as sink:
-        with ipc.new_file(sink, table.schema, options=ipc.IpcWriteOptions(compression=IPC_COMPRESSION)) as writer:
+        with ipc.new_file(sink, table.schema, options=ipc.IpcWriteOptions(compression=compression)) as writer:
             writer.write_table(table)
     if durable:
         fsync_file(tmp)

@@ -255,16 +255,16 @@ class Computed:
     load_seconds: dict[str, float]
 
 
-def compute_part(task: PartTask) -> Computed:
-    """The first half of `run_part`: read the input part and run the stages; write nothing.
+def compute_part(task: PartTask, table: pa.Table | None = None) -> Computed:
+    """The first half of `run_part`: read the input part (unless `table` is it) and run the stages; write nothing.
 
     Example: compute_part(task).table.num_rows
     """
     with computing_part(task.segment_key, task.index):  # the stages' work moves the driver's bar (curate.progress)
-        return _compute(task)
+        return _compute(task, table)
 
 
-def _compute(task: PartTask) -> Computed:
+def _compute(task: PartTask, table: pa.Table | None) -> Computed:
     store = Store(task.root)
     stages = [s.build() for s in task.stages]
     with activity("loading models"):
@@ -272,7 +272,8 @@ def _compute(task: PartTask) -> Computed:
     state = store.read_state(task.state_key) if task.state_key else None
     if task.state_key and state is None:
         raise StageError(f"the fitted state {task.state_key} is missing from the store", where=task.label)
-    table = store.read_part(task.parent_key, task.index)
+    if table is None:
+        table = store.read_part(task.parent_key, task.index)
     requests = RequestLog(store.request_log_path(task.segment_key, task.index))
     try:
         table, rejects, record = _run_stages(task, stages, table, state, requests)

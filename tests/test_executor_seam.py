@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from curate import ingest as ingest_module
+from curate import ingest_ids
 from curate import reading
 from curate.cli import main
 from curate.config import parse_pipeline
@@ -148,7 +148,7 @@ def test_validate_and_plan_read_only_the_first_rows_and_run_names_the_bad_line(t
 @pytest.mark.parametrize("spill_bytes", [64 << 20, 1], ids=["in_memory", "spilled_to_buckets"])
 def test_streamed_ids_match_whole_table_ids_across_many_chunks(tmp_path, monkeypatch, spill_bytes):
     monkeypatch.setattr(reading, "BLOCK_BYTES", 256)  # a few rows per chunk, so repeats cross chunks
-    monkeypatch.setattr(ingest_module, "SPILL_BYTES", spill_bytes)
+    monkeypatch.setattr(ingest_ids, "SPILL_BYTES", spill_bytes)
     rows = [{"prompt": f"p{i % 7}", "note": None if i < 9 else f"n{i % 3}"} for i in range(60)]
     _write_jsonl(tmp_path / "rows.jsonl", rows)
     got = ingest(SourceSpec(path=str(tmp_path / "rows.jsonl"), part_rows=8), ".").table
@@ -161,7 +161,7 @@ def test_streamed_ids_match_whole_table_ids_across_many_chunks(tmp_path, monkeyp
 @pytest.mark.parametrize("spill_bytes", [64 << 20, 1], ids=["in_memory", "spilled_to_buckets"])
 def test_a_given_id_repeated_in_another_chunk_names_both_lines(tmp_path, monkeypatch, spill_bytes):
     monkeypatch.setattr(reading, "BLOCK_BYTES", 256)
-    monkeypatch.setattr(ingest_module, "SPILL_BYTES", spill_bytes)
+    monkeypatch.setattr(ingest_ids, "SPILL_BYTES", spill_bytes)
     rows = [{"id": f"r{i}", "prompt": f"p{i}"} for i in range(40)]
     rows[33]["id"] = "r4"
     _write_jsonl(tmp_path / "rows.jsonl", rows)
