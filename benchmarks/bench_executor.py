@@ -2,8 +2,9 @@
 
 Both sides read the same file and write the same rows, in one process, alternating, best of
 `--repeats`. curate's side is a fresh run (empty run folder): ingest (content hash of the file,
-id and type checks), the no-op stage, atomic part files with their manifest, publishing in the
-Hub layout, stats.json. Goal: ratio <= 1.1.
+id and type checks), the source stored as parts, the no-op stage (run on each part as ingest
+writes it, `curate.fused`), atomic part files with their manifest, publishing in the Hub layout,
+stats.json. Goal: ratio <= 1.1.
 
 Example: python benchmarks/bench_executor.py --rows 1000000
 """
@@ -51,8 +52,9 @@ def raw_copy(src: str, dst: str) -> float:
     return time.perf_counter() - started
 
 
-def curate_copy(src: str, out: str, part_rows: int) -> float:
-    yaml_text = f"source: {{path: {src}, part_rows: {part_rows}}}\nstages:\n  - stage: core.identity\n"
+def curate_copy(src: str, out: str, part_rows: int, compress_parts: bool = False) -> float:
+    yaml_text = (f"source: {{path: {src}, part_rows: {part_rows}, compress_parts: {str(compress_parts).lower()}}}\n"
+                 "stages:\n  - stage: core.identity\n")
     pipeline = parse_pipeline(yaml_text, os.path.join(os.path.dirname(src), "bench.yaml"))
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--part-rows", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compress-parts", action="store_true", help="store the source parts LZ4-compressed (not the default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="curate-bench-") as tmp:
@@ -76,9 +79,10 @@ def main() -> None:
         raw_times, curate_times = [], []
         for _ in range(args.repeats):
             raw_times.append(raw_copy(src, os.path.join(tmp, "raw.parquet")))
-            curate_times.append(curate_copy(src, os.path.join(tmp, "run"), args.part_rows))
+            curate_times.append(curate_copy(src, os.path.join(tmp, "run"), args.part_rows, args.compress_parts))
         raw, cur = min(raw_times), min(curate_times)
-        print(f"rows: {args.rows:,}  file: {size_mb:.1f} MB  parts: {-(-args.rows // args.part_rows)}")
+        print(f"rows: {args.rows:,}  file: {size_mb:.1f} MB  parts: {-(-args.rows // args.part_rows)}"
+              f"  source parts: {'LZ4' if args.compress_parts else 'uncompressed'} Arrow IPC")
         print(f"raw pyarrow read+write: best {raw:.3f} s (median {statistics.median(raw_times):.3f} s)")
         print(f"curate no-op run:       best {cur:.3f} s (median {statistics.median(curate_times):.3f} s)")
         print(f"ratio curate/raw: {cur / raw:.3f}  (goal <= 1.1)")

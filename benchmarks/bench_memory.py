@@ -80,7 +80,18 @@ def child(input_path: str, out: str) -> None:
     stats = run_pipeline(parse_pipeline(text, os.path.join(os.path.dirname(out), "memory.yaml")))
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_rss": peak, "rows_in": stats["rows_in"], "rows_out": stats["rows_out"], "seconds": seconds}))
+    print(json.dumps({"peak_rss": peak, "rows_in": stats["rows_in"], "rows_out": stats["rows_out"], "seconds": seconds,
+                      "disk": _folder_bytes(out)}))
+
+
+def _folder_bytes(folder: str) -> int:
+    """Bytes on disk under a folder (the run folder), each file once: published shards are hard links."""
+    seen: dict[tuple[int, int], int] = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            st = os.lstat(os.path.join(root, name))
+            seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())
 
 
 def measure(work: str, rows: int, fmt: str) -> dict:
@@ -117,7 +128,8 @@ def main() -> None:
             r = measure(args.work, rows, fmt)
             peaks[rows] = r["peak_rss"]
             print(f"{fmt:9s} {label[rows]:>4s} rows: peak RSS {r['peak_rss'] / 2**20:7.0f} MiB, "
-                  f"{r['rows_in'] / r['seconds']:9.0f} rows/s ({r['seconds']:.1f} s, {r['rows_out']} rows out)", flush=True)
+                  f"{r['rows_in'] / r['seconds']:9.0f} rows/s ({r['seconds']:.1f} s, {r['rows_out']} rows out), "
+                  f"run folder {r['disk'] / 2**20:,.0f} MiB", flush=True)
         ratio = peaks[large] / peaks[small]
         ratios.append(ratio)
         print(f"{fmt:9s} rss ratio {label[large]}/{label[small]}: {ratio:.2f}", flush=True)

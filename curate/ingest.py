@@ -44,6 +44,7 @@ from curate.contract import REASON
 from curate.errors import InputError
 from curate.ingest_ids import IdSpill, apply_fixes, repeat_fixes
 from curate.plan import SourceInfo
+from curate.progress import ReadProgress
 from curate.reading import PREVIEW_ROWS, Chunk, selected_chunks, source_key
 from curate.sources import SourceSpec, _parse_hh, _row_ids, normalize
 from curate.store import ARROW_SUFFIX, Store, fsync_file, read_table_file, write_arrow_atomic, write_parquet_atomic, write_text_atomic
@@ -276,8 +277,10 @@ def _stream_into(spec: SourceSpec, base_dir: str, staging: _Staging, spill: IdSp
     dropped: Counter[str] = Counter()
     origins: list[tuple[int, Chunk]] = []
     hashed = False
+    progress = ReadProgress(f"ingesting {spec.path or spec.hub}")
     try:
         for chunk, positions in selected_chunks(spec, base_dir):
+            progress.read(len(positions), staging.parts)
             prepared = prepare_chunk(spec, chunk, positions)
             chunk.table = None  # keep only where it came from, for error messages
             origins.append((chunk.start, chunk))

@@ -301,6 +301,28 @@ class SegmentProgress:
                 log.info("%s", line.line(self.n_parts))
 
 
+class ReadProgress:
+    """A log line every LOG_EVERY seconds while rows are read (ingest): rows so far, rows/s, parts written.
+
+    Example: progress = ReadProgress("ingesting x.jsonl"); progress.read(8192, parts=3)
+    """
+
+    def __init__(self, label: str):
+        self.label = label
+        self.rows = 0
+        self.started = self.last = time.perf_counter()
+
+    def read(self, rows: int, parts: int) -> None:
+        """`rows` more rows were read; `parts` parts are written so far."""
+        self.rows += rows
+        now = time.perf_counter()
+        if now - self.last >= LOG_EVERY:
+            self.last = now
+            elapsed = now - self.started
+            log.info("%s: %s rows read, %s rows/s, %d parts written, %s elapsed", self.label, f"{self.rows:,}",
+                     per_second(self.rows / elapsed), parts, clock(elapsed))
+
+
 # The live display ---------------------------------------------------------------------------------
 
 _bars: Any = None  # the rich Progress of the running run, on a terminal

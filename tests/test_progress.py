@@ -143,3 +143,20 @@ def test_a_failed_segment_prints_no_stage_lines(caplog):
             pass
     assert [r.getMessage().split()[:6] for r in caplog.records] == [["✓", "gen", "3", "→", "3", "rows"]]
     assert caplog.records[0].getMessage().endswith("cached")
+
+
+def test_a_long_ingest_logs_rows_read_and_parts_written(tmp_path, monkeypatch, caplog):
+    from curate.config import parse_pipeline
+    from curate.runner import run_pipeline
+    from curate import reading
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)  # a line at every chunk
+    monkeypatch.setattr(reading, "BLOCK_BYTES", 256)
+    (tmp_path / "rows.jsonl").write_text("".join(f'{{"prompt": "q{i}", "chosen": "a", "rejected": "b"}}\n' for i in range(40)))
+    text = f"source: {{path: rows.jsonl, part_rows: 10}}\noutput: {tmp_path / 'out'}\nstages:\n  - stage: core.identity\n"
+    with caplog.at_level("INFO", logger="curate.progress"):
+        run_pipeline(parse_pipeline(text, str(tmp_path / "p.yaml")))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ingesting rows.jsonl:")]
+    assert len(lines) >= 4 and "40 rows read" not in lines[0]  # several chunks, counted as they are read
+    counts = [int(line.split(": ")[1].split(" rows read")[0].replace(",", "")) for line in lines]
+    assert counts == sorted(counts) and counts[-1] <= 40 and "parts written" in lines[-1]
