@@ -85,9 +85,12 @@ def _commit(store: Store, result: PartResult, run_log: RunLog, stage_ids: dict[s
     shutil.rmtree(os.path.dirname(result.data), ignore_errors=True)
 
 
-def run_segment(plan: Plan, store: Store, segment: Segment, executor: Executor, run_log: RunLog) -> None:
+def run_segment(plan: Plan, store: Store, segment: Segment, executor: Executor, run_log: RunLog,
+                ready: list[PartResult] | None = None) -> None:
     """Compute and commit the parts of a segment that are not committed yet.
 
+    `ready`: parts this run computed already (the first segment's, during ingest: `curate.fused`);
+    they are committed here and shown as computed, not cached.
     Example: run_segment(plan, store, plan.segments[0], LocalExecutor(), RunLog())
     """
     n_parts = plan.source.n_parts
@@ -102,10 +105,16 @@ def run_segment(plan: Plan, store: Store, segment: Segment, executor: Executor, 
                           sum(rows.get(i, 0) for i in done), segment.key) as progress:
         if not todo:
             return
-        state_key = fit_state(plan, store, segment, executor, run_log) if segment.global_stage else None
-        for result in executor.map(run_part, segment_tasks(store.root, segment, todo, state_key, rows)):
+        ready = [result for result in ready or [] if result.index in todo]
+        for result in ready:
             _commit(store, result, run_log, stage_ids)
             progress.committed(result)
+        todo = [i for i in todo if i not in {result.index for result in ready}]
+        if todo:
+            state_key = fit_state(plan, store, segment, executor, run_log) if segment.global_stage else None
+            for result in executor.map(run_part, segment_tasks(store.root, segment, todo, state_key, rows)):
+                _commit(store, result, run_log, stage_ids)
+                progress.committed(result)
     store.discard_attempts(segment.key)  # every part is committed: what is left there was orphaned by a dead worker
     executor.release(list(stage_ids))
 
@@ -224,10 +233,8 @@ def _run_locked(pipeline: Pipeline, out_dir: str, refresh: list[str] | None, sta
     run_log = RunLog()
     if refresh:
         _refresh(make_plan(pipeline, store), store, refresh)
-    info, computed = _ingest(pipeline, store, run_log, executor)
+    info, ready = _ingest(pipeline, store, run_log, executor)  # ready: first-segment parts computed meanwhile
     plan = build_plan(pipeline, info)
-    for result in computed:  # the first segment's parts computed during the ingest
-        _commit(store, result, run_log, {s.key: s.id for s in plan.segments[0].stages})
     write_text_atomic(json.dumps(plan.to_json(), indent=2), os.path.join(out_dir, PLAN_FILE))
     write_text_atomic(redact(pipeline.text), os.path.join(out_dir, PIPELINE_FILE))  # no URL credentials or tokens
     executor.prepare(plan.stages, store.root)
@@ -235,7 +242,7 @@ def _run_locked(pipeline: Pipeline, out_dir: str, refresh: list[str] | None, sta
         with live_bars():  # progress bars on a terminal (curate.progress)
             for segment in plan.segments:
                 if segment.stages:
-                    run_segment(plan, store, segment, executor, run_log)
+                    run_segment(plan, store, segment, executor, run_log, ready if segment.index == 0 else None)
     except CurateError as exc:
         finished = sum(len(store.finished(s.key)) for s in plan.segments)
         exc.message += f"; {finished} finished parts are kept, run again to resume"

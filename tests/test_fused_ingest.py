@@ -84,9 +84,12 @@ def _funnel(stats: dict) -> list[tuple]:
     return [(s["stage_id"], s["rows_in"], s["rows_out"], s["dropped"], s["parts_computed"]) for s in stats["stages"]]
 
 
-def test_first_segment_during_ingest_matches_computing_it_afterwards(tmp_path, monkeypatch, accepted):
+def test_first_segment_during_ingest_matches_computing_it_afterwards(tmp_path, monkeypatch, accepted, caplog):
     _write_jsonl(tmp_path / "rows.jsonl", _rows(400))
-    fused_stats = _run(tmp_path, "fused", tmp_path / "rows.jsonl", monkeypatch, fuse=True)
+    with caplog.at_level("INFO", logger="curate.progress"):
+        fused_stats = _run(tmp_path, "fused", tmp_path / "rows.jsonl", monkeypatch, fuse=True)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("✓")]
+    assert len(lines) == 3 and not any("cached" in line for line in lines)  # computed in this run, if during ingest
     after_stats = _run(tmp_path, "after", tmp_path / "rows.jsonl", monkeypatch, fuse=False)
     assert accepted == [list(range(8))]  # every part of the first run was computed during its ingest
     data, rejects = _published(tmp_path / "fused")
