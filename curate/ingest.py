@@ -13,7 +13,7 @@ size of the source:
   the part schemas are unified at the end and the parts that differ are cast.
 Parts are staged and committed (with a manifest line each, like every segment) only once the
 whole source is ingested, and `source.json` is written last: an ingest cut short is redone from
-the start; a committed one is never redone. A `PartFeed` gets each part as it is written (the
+the start; a committed one is never redone. A `PartFeed` gets each part as it is cut (the
 runner computes the first segment on it there and then, `curate.fused`), and the indexes of the
 parts rewritten at the end. Leaves out: splitting the ingest of one source
 across workers (it runs on the driver; every later task reads its part from the store).
@@ -109,10 +109,10 @@ def prepare_chunk(spec: SourceSpec, chunk: Chunk, positions: np.ndarray) -> Prep
 
 
 class PartFeed(Protocol):
-    """Who else gets each source part as ingest writes it. Example: ingest_source(spec, ".", store, feed=feed)"""
+    """Who else gets each source part as ingest cuts it. Example: ingest_source(spec, ".", store, feed=feed)"""
 
     def take(self, index: int, part: pa.Table) -> None:
-        """Part `index` is written (staged, not committed); called on an ingest writer thread."""
+        """Part `index` is cut (staged beside this call, not committed); called on an ingest writer thread."""
         ...
 
     def discard(self, indexes: set[int]) -> None:
