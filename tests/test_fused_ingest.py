@@ -138,3 +138,19 @@ def test_a_stage_failing_during_ingest_fails_the_run_as_before_and_keeps_the_sou
     [source] = [p for p in (tmp_path / "out" / "parts").iterdir() if (p / "source.json").exists()]
     assert len((source / "manifest.jsonl").read_text().splitlines()) == 4  # the whole source is committed
     assert not list((tmp_path / "out").rglob("attempts/*"))
+
+
+def test_compressed_source_parts_change_no_key_and_no_row(tmp_path, monkeypatch):
+    rows = [{"prompt": f"q{i}", "chosen": "a long and repetitive reply " * 20, "rejected": "no"} for i in range(200)]
+    _write_jsonl(tmp_path / "rows.jsonl", rows)
+    runs = {}
+    for compress in (False, True):
+        out = tmp_path / f"out-{compress}"
+        text = (f"source: {{path: rows.jsonl, part_rows: 50, compress_parts: {str(compress).lower()}}}\n"
+                f"output: {out}\nstages:\n  - stage: core.identity\n")
+        run_pipeline(parse_pipeline(text, str(tmp_path / "p.yaml")))
+        [source] = [p for p in (out / "parts").iterdir() if (p / "source.json").exists()]
+        runs[compress] = (source.name, sum(f.stat().st_size for f in source.glob("part-*.arrow")), pq.read_table(out / "data"))
+    assert runs[True][0] == runs[False][0]  # the same source key: stored either way, the rows are the same
+    assert runs[True][1] < runs[False][1] / 2  # LZ4 on repetitive text
+    assert runs[True][2].equals(runs[False][2])
