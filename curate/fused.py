@@ -38,7 +38,7 @@ CHEAP_KINDS = ("map", "filter")
 
 
 class FirstSegmentFeed:
-    """Runs the first segment on each source part as ingest writes it (module docstring).
+    """Runs the first segment on each source part as ingest cuts it (module docstring).
 
     The plan comes from the columns of the first part it gets, so nothing is read twice.
     Example: feed.take(0, part); feed.accepted(info) -> [PartResult(...)]
@@ -95,7 +95,7 @@ class FirstSegmentFeed:
         with self._lock:
             results, self.results = self.results, {}
         if self.schema is None or not info.schema.equals(self.schema):
-            log.debug("the ingested columns differ from the first rows': the first segment runs on its own")
+            log.debug("the ingested columns differ from the first part's: the first segment runs on its own")
             for result in results.values():
                 _remove_attempt(result)
             return []
